@@ -1,0 +1,144 @@
+"""Recipes: nested dataclasses read from YAML with torchtune-style ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    corpus_dir: str = "data/synth"  # built with `privasr corpus synth` when manifests are absent
+    synth_hours: float = 4.0
+    synth_speakers: int = 600
+    train: str = ""  # manifest paths; default to <corpus_dir>/{train,dev,test}.jsonl
+    dev: str = ""
+    test: str = ""
+    max_dev_utts: int = 200
+    on_error: str = "raise"  # or "skip" (bad utterances counted and reported)
+    feature_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    size: str = "small"
+    dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 300
+    max_steps: int = 3000
+    min_lr_ratio: float = 0.05  # cosine decay floor
+    grad_accum: int = 1
+    max_grad_norm: float = 5.0  # ordinary global-norm clipping of the batch gradient
+
+
+@dataclass
+class BatchConfig:
+    max_seconds: float = 120.0  # padded audio seconds per physical batch
+    max_utts: int = 64
+
+
+@dataclass
+class AugmentConfig:
+    specaugment: bool = True
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_width_frac: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0: all available cores
+    bf16: bool = False  # autocast on CUDA
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_every: int = 250
+    ckpt_every: int = 250
+    log_every: int = 10
+    on_nonfinite: str = "raise"  # or "skip": skip the step, count it, report it
+    progress: bool = True
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    try:
+        if dataclasses.is_dataclass(tp):
+            return from_dict(tp, value, prefix=key + ".")
+        if origin in (tuple, list):
+            return origin(_coerce(t, v, key) for t, v in zip(typing.get_args(tp), value))
+        if origin in (typing.Union, types.UnionType):
+            return value
+        if tp is bool and not isinstance(value, bool):
+            raise TypeError
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp in (int, float, str) and not isinstance(value, tp):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``d``; unknown keys raise a ConfigError naming them."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid: "
+                          f"{', '.join(prefix + n for n in sorted(names))}")
+    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in d.items()})
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = TrainConfig) -> Any:
+    d = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+    return from_dict(cls, apply_overrides(d, list(overrides)))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,158 @@
+"""Features in memory, padded batches, and duration-bucketed batching for non-private runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from privasr.atomic import atomic_path
+from privasr.data.features import FeatureConfig, fbank
+from privasr.data.manifest import SkipReport, Utterance, load_audio
+from privasr.data.tokenizer import CharTokenizer
+
+
+def _features_of(item: tuple[Utterance, FeatureConfig]) -> torch.Tensor:
+    utt, cfg = item
+    return torch.from_numpy(fbank(load_audio(utt), cfg)).to(torch.float16)
+
+
+def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
+    h = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode())
+    for u in utts:
+        h.update(f"{u.id}\t{u.audio}\t{u.duration:.4f}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConfig(), *,
+                     cache_dir: str | Path | None = None, workers: int = 1,
+                     progress: bool = True, desc: str = "features") -> list[torch.Tensor]:
+    """fp16 fbank of every utterance, cached on disk under ``cache_dir`` when given."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"feats-{_cache_key(utts, cfg)}.pt"
+        if path.exists():
+            return torch.load(path)
+    items = [(u, cfg) for u in utts]
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            feats = list(tqdm(pool.imap(_features_of, items, chunksize=16), total=len(items),
+                              desc=desc, disable=not progress))
+    else:
+        feats = [_features_of(i) for i in tqdm(items, desc=desc, disable=not progress)]
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save(feats, tmp)
+    return feats
+
+
+@dataclass
+class Batch:
+    """A padded batch. ``feats`` (B, T, F), ``targets`` (B, S) padded with 0."""
+
+    ids: list[str]
+    feats: torch.Tensor
+    feat_lens: torch.Tensor
+    targets: torch.Tensor
+    target_lens: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.ids, self.feats.to(device), self.feat_lens.to(device),
+                     self.targets.to(device), self.target_lens.to(device))
+
+    @property
+    def audio_seconds(self) -> float:
+        return float(self.feat_lens.sum()) * 0.01
+
+
+def ctc_output_frames(n_feat_frames: int, subsampling: int = 4) -> int:
+    """A conservative count of the frames a ``subsampling``× CTC model emits."""
+    return n_feat_frames // subsampling - 1
+
+
+def ctc_min_frames(target: Sequence[int]) -> int:
+    """Frames CTC needs: one per label plus a blank between repeated labels."""
+    return len(target) + sum(1 for a, b in zip(target, target[1:]) if a == b)
+
+
+class AsrDataset:
+    """Utterances with their features and token ids; drops CTC-infeasible ones (counted)."""
+
+    def __init__(self, utts: Sequence[Utterance], feats: Sequence[torch.Tensor],
+                 tokenizer: CharTokenizer, *, subsampling: int = 4,
+                 report: SkipReport | None = None) -> None:
+        self.report = report if report is not None else SkipReport()
+        self.utts, self.feats, self.targets = [], [], []
+        for u, f in zip(utts, feats, strict=True):
+            ids = tokenizer.encode(u.text, where=f"utterance {u.id!r}")
+            if ctc_output_frames(f.shape[0], subsampling) < ctc_min_frames(ids):
+                self.report.add("CTC-infeasible (too fast for the model's frame rate)",
+                                f"{u.id}: {len(ids)} labels in {f.shape[0]} frames")
+                continue
+            self.utts.append(u)
+            self.feats.append(f)
+            self.targets.append(torch.tensor(ids, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    @property
+    def durations(self) -> list[float]:
+        return [f.shape[0] * 0.01 for f in self.feats]
+
+    def collate(self, indices: Sequence[int]) -> Batch:
+        feats = [self.feats[i] for i in indices]
+        tg = [self.targets[i] for i in indices]
+        B, T, F = len(indices), max(f.shape[0] for f in feats), feats[0].shape[1]
+        x = torch.zeros(B, T, F)
+        y = torch.zeros(B, max(len(t) for t in tg), dtype=torch.long)
+        for b, (f, t) in enumerate(zip(feats, tg)):
+            x[b, : f.shape[0]] = f.float()
+            y[b, : len(t)] = t
+        return Batch([self.utts[i].id for i in indices], x,
+                     torch.tensor([f.shape[0] for f in feats]), y,
+                     torch.tensor([len(t) for t in tg]))
+
+
+class DurationBucketSampler:
+    """Batches of similar duration, at most ``max_seconds`` of padded audio and ``max_utts`` each.
+
+    The batch order of epoch e is a pure function of (seed, e), so a run resumes exactly from
+    (epoch, batch index). For non-private training only: DP needs Poisson sampling.
+    """
+
+    def __init__(self, durations: Sequence[float], *, max_seconds: float, max_utts: int = 10**9,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if max_seconds < max(durations, default=0):
+            raise ValueError(f"max_seconds={max_seconds} is shorter than the longest utterance "
+                             f"({max(durations):.1f} s)")
+        self.durations = list(durations)
+        self.max_seconds, self.max_utts, self.seed, self.shuffle = max_seconds, max_utts, seed, shuffle
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100003 + epoch)
+        order = sorted(range(len(self.durations)),
+                       key=lambda i: (self.durations[i], rng.random() if self.shuffle else i))
+        batches, cur, longest = [], [], 0.0
+        for i in order:
+            d = max(longest, self.durations[i])
+            if cur and (d * (len(cur) + 1) > self.max_seconds or len(cur) >= self.max_utts):
+                batches.append(cur)
+                cur, d = [], self.durations[i]
+            cur.append(i)
+            longest = d
+        if cur:
+            batches.append(cur)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches

@@ -1,0 +1,41 @@
+"""The per-example CTC loss every gradient strategy differentiates."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privasr.data.dataset import Batch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss: never trained on silently."""
+
+    def __init__(self, ids: list[str], values: list[float]):
+        self.ids = ids
+        shown = ", ".join(f"{i} ({v})" for i, v in list(zip(ids, values))[:5])
+        super().__init__(f"non-finite CTC loss for {len(ids)} utterance(s): {shown}")
+
+
+def per_example_ctc(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """CTC negative log-likelihood of each utterance divided by its target length, shape (B,)."""
+    log_probs, out_lens = model(batch.feats, batch.feat_lens)
+    losses = F.ctc_loss(log_probs.float().transpose(0, 1), batch.targets, out_lens,
+                        batch.target_lens, blank=0, reduction="none", zero_infinity=False)
+    return losses / batch.target_lens.clamp(min=1).to(losses.dtype)
+
+
+def checked(loss_fn):
+    """Wrap a per-example loss so that a NaN/inf raises :class:`NonFiniteLossError` pre-backward."""
+
+    def wrapped(model: nn.Module, batch: Batch) -> torch.Tensor:
+        losses = loss_fn(model, batch)
+        bad = ~torch.isfinite(losses.detach())
+        if bad.any():
+            idx = bad.nonzero().flatten().tolist()
+            raise NonFiniteLossError([batch.ids[i] for i in idx],
+                                     [float(losses[i]) for i in idx])
+        return losses
+
+    return wrapped

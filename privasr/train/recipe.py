@@ -1,0 +1,99 @@
+"""`privasr train`: corpus → features → model → trainer → test evaluation → results.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from privasr.atomic import atomic_write_text
+from privasr.config import TrainConfig, to_dict
+from privasr.data.dataset import AsrDataset, compute_features
+from privasr.data.features import FeatureConfig
+from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
+from privasr.data.synth import SynthConfig, synthesize_corpus
+from privasr.data.tokenizer import CharTokenizer
+from privasr.models.conformer import ConformerCTC, config_for, count_parameters
+from privasr.train.evaluate import evaluate
+from privasr.train.trainer import Trainer, set_threads
+
+
+def manifest_paths(cfg: TrainConfig) -> dict[str, Path]:
+    d = cfg.data
+    corpus = Path(d.corpus_dir)
+    return {s: Path(getattr(d, s) or corpus / f"{s}.jsonl") for s in ("train", "dev", "test")}
+
+
+def ensure_corpus(cfg: TrainConfig, log=print) -> None:
+    """Synthesise the embedded corpus when the recipe points at it and it is absent."""
+    paths = manifest_paths(cfg)
+    if cfg.data.train or all(p.exists() for p in paths.values()):
+        return
+    log(f"building the embedded corpus in {cfg.data.corpus_dir} "
+        f"({cfg.data.synth_hours} h, {cfg.data.synth_speakers} speakers)")
+    summary = synthesize_corpus(cfg.data.corpus_dir, SynthConfig(
+        hours=cfg.data.synth_hours, speakers=cfg.data.synth_speakers, seed=cfg.seed),
+        workers=cfg.data.feature_workers, progress=cfg.progress)
+    log(f"corpus: {json.dumps(summary)}")
+
+
+def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
+               limit: int | None = None) -> AsrDataset:
+    utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
+    if limit is not None:
+        utts = utts[:limit]
+    utts = validate(utts, on_error=cfg.data.on_error, report=report)
+    feats = compute_features(utts, FeatureConfig(), cache_dir=path.parent / "feats",
+                             workers=cfg.data.feature_workers, progress=cfg.progress,
+                             desc=f"features {path.name}")
+    return AsrDataset(utts, feats, tok, report=report)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> ConformerCTC:
+    return ConformerCTC(config_for(cfg.model.size, vocab_size=vocab_size,
+                                   dropout=cfg.model.dropout))
+
+
+def run_training(cfg: TrainConfig, log=print) -> dict:
+    """Train per the recipe (resuming from ``out_dir/last.pt`` if present); return results."""
+    import torch
+
+    t0 = time.time()
+    threads = set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    ensure_corpus(cfg, log)
+    paths = manifest_paths(cfg)
+    tok = CharTokenizer()
+    report = SkipReport()
+    train_ds = load_split(paths["train"], cfg, tok, report)
+    dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
+    test_ds = load_split(paths["test"], cfg, tok, report)
+    if report.total:
+        log(f"data: {report.summary()}")
+    if len(train_ds) == 0:
+        raise ValueError(f"no usable training utterances in {paths['train']}")
+    model = build_model(cfg, tok.vocab_size)
+    vocab = list(tok.symbols)
+    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
+    if trainer.resume():
+        log(f"resumed from {trainer.ckpt_path} at step {trainer.pos.step}")
+    log(f"model {cfg.model.size}: {count_parameters(model):,} parameters; device "
+        f"{trainer.device}, {threads} threads; train {len(train_ds)} utts "
+        f"({sum(train_ds.durations) / 3600:.2f} h), dev {len(dev_ds)}, test {len(test_ds)}")
+    res = trainer.fit()
+    test = evaluate(trainer.model, test_ds, vocab, device=trainer.device)
+    results = {
+        "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
+        "dev": res.dev, "steps": res.steps, "train_wall_seconds": res.wall_seconds,
+        "wall_seconds": time.time() - t0, "audio_hours_seen": res.audio_seconds / 3600,
+        "final_train_loss": res.final_train_loss, "skipped_nonfinite_steps": res.skipped_nonfinite,
+        "data_skipped": dict(report.reasons), "parameters": count_parameters(model),
+        "threads": threads, "device": str(trainer.device),
+        "train_utts": len(train_ds), "test_utts": len(test_ds),
+        "test_speakers": len({u.speaker for u in test_ds.utts}),
+    }
+    atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,233 @@
+"""The one trainer. It knows neither clipping nor privacy: a gradient strategy fills ``.grad``.
+
+    for each logical step:
+        batches = the next grad_accum physical batches (from the batch sampler)
+        strategy.fill_grads(model, batches, loss)      # ordinary, DP-SGD, micro-batch, per-core...
+        optimizer.step(); scheduler.step()
+        log / evaluate / checkpoint (atomically, with RNG states and the data position)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from privasr.config import TrainConfig, to_dict
+from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler
+from privasr.data.features import SpecAugment
+from privasr.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from privasr.train.evaluate import evaluate
+from privasr.train.gradient import BatchClipGradient, GradientStrategy
+from privasr.train.loss import NonFiniteLossError, checked, per_example_ctc
+from privasr.train.metrics_log import MetricsLogger
+from privasr.train.schedule import warmup_cosine
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` CPU threads (0: the cores this process may run on)."""
+    n = n or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, and the next batch of the sampler's epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_seconds: float
+    audio_seconds: float
+    final_train_loss: float
+    dev: dict[str, float] = field(default_factory=dict)
+    skipped_nonfinite: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, train_ds: AsrDataset,
+                 dev_ds: AsrDataset | None, vocab: list[str], *,
+                 strategy: GradientStrategy | None = None, sampler: Any = None,
+                 extra_state: Callable[[], dict] | None = None) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.model = model.to(self.device)
+        self.train_ds, self.dev_ds, self.vocab = train_ds, dev_ds, vocab
+        self.strategy = strategy or BatchClipGradient(max_norm=cfg.optim.max_grad_norm)
+        self.sampler = sampler or DurationBucketSampler(
+            train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
+            seed=cfg.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.scheduler = warmup_cosine(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
+                                       max_steps=cfg.optim.max_steps,
+                                       min_lr_ratio=cfg.optim.min_lr_ratio)
+        a = cfg.augment
+        self.specaug = SpecAugment(a.freq_masks, a.freq_width, a.time_masks,
+                                   a.time_width_frac) if a.specaugment else None
+        self.extra_state = extra_state
+        self.out = Path(cfg.out_dir)
+        self.ckpt_path = self.out / "last.pt"
+        self.pos = Position()
+        self.skipped = 0
+        self.audio_seconds = 0.0
+        self.log = MetricsLogger(self.out)
+        self._epoch_batches: list[list[int]] | None = None
+
+    # -- data position ---------------------------------------------------------------------
+    def _next_batch(self) -> list[int]:
+        if self._epoch_batches is None:
+            self._epoch_batches = self.sampler.batches(self.pos.epoch)
+        while self.pos.batch >= len(self._epoch_batches):
+            self.pos.epoch += 1
+            self.pos.batch = 0
+            self._epoch_batches = self.sampler.batches(self.pos.epoch)
+        idx = self._epoch_batches[self.pos.batch]
+        self.pos.batch += 1
+        return idx
+
+    def _physical_batches(self) -> list[Batch]:
+        out = []
+        for k in range(self.cfg.optim.grad_accum):
+            b = self.train_ds.collate(self._next_batch())
+            if self.specaug is not None:
+                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.pos.step * 64 + k)
+                b.feats = self.specaug(b.feats, b.feat_lens, generator=g)
+            out.append(b.to(self.device))
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "position": vars(self.pos).copy(),
+            "config": to_dict(self.cfg),
+            "vocab": list(self.vocab),
+            "model_config": vars(getattr(self.model, "cfg", object())).copy()
+            if hasattr(self.model, "cfg") else None,
+            "skipped_nonfinite": self.skipped,
+            "audio_seconds": self.audio_seconds,
+            **(self.extra_state() if self.extra_state else {}),
+        }
+
+    def save(self, path: Path | None = None) -> None:
+        save_checkpoint(path or self.ckpt_path, self.state())
+
+    def resume(self, path: Path | None = None) -> bool:
+        path = path or self.ckpt_path
+        if not path.exists():
+            return False
+        ck = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        self.pos = Position(**ck["position"])
+        self.skipped = ck.get("skipped_nonfinite", 0)
+        self.audio_seconds = ck.get("audio_seconds", 0.0)
+        self._epoch_batches = None
+        self.log.truncate_after(self.pos.step)
+        return True
+
+    # -- the loop --------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            return per_example_ctc(model, batch)
+
+    def evaluate_dev(self) -> dict[str, float]:
+        if self.dev_ds is None or len(self.dev_ds) == 0:
+            return {}
+        with self._autocast():
+            return evaluate(self.model, self.dev_ds, self.vocab, device=self.device)
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        loss_fn = checked(self._loss)
+        self.model.train()
+        start = time.time()
+        last_loss, window = math.nan, []
+        dev: dict[str, float] = {}
+        bar = tqdm(total=cfg.optim.max_steps, initial=self.pos.step, desc="train", unit="step",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        t_last = time.time()
+        while self.pos.step < cfg.optim.max_steps:
+            batches = self._physical_batches()
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                stats = self.strategy.fill_grads(self.model, batches, loss_fn)
+            except NonFiniteLossError as e:
+                if cfg.on_nonfinite != "skip":
+                    e.add_note(f"at step {self.pos.step}; on_nonfinite=skip skips such steps")
+                    raise
+                self.skipped += 1
+                bar.write(f"step {self.pos.step}: skipped, {e}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.pos.step += 1
+                self.scheduler.step()
+                continue
+            self.optimizer.step()
+            self.scheduler.step()
+            self.pos.step += 1
+            secs = sum(b.audio_seconds for b in batches)
+            self.audio_seconds += secs
+            window.append((stats["loss"], secs))
+            last_loss = stats["loss"]
+            if self.pos.step % cfg.log_every == 0 or self.pos.step == cfg.optim.max_steps:
+                now = time.time()
+                rate = sum(s for _, s in window) / max(now - t_last, 1e-9)
+                row = {"loss": sum(l for l, _ in window) / len(window),
+                       "lr": self.scheduler.get_last_lr()[0], "audio_s_per_s": rate,
+                       **{k: v for k, v in stats.items() if k != "loss"}}
+                self.log.log("train", self.pos.step, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", audio_x=f"{rate:.1f}")
+                window, t_last = [], now
+            if self.pos.step % cfg.eval_every == 0 or self.pos.step == cfg.optim.max_steps:
+                dev = self.evaluate_dev()
+                if dev:
+                    self.log.log("dev", self.pos.step, dev)
+                    bar.write(f"step {self.pos.step}: dev WER {dev['wer']:.3f} "
+                              f"CER {dev['cer']:.3f} loss {dev['loss']:.3f}")
+                t_last = time.time()
+            if self.pos.step % cfg.ckpt_every == 0 or self.pos.step == cfg.optim.max_steps:
+                self.save()
+            bar.update(1)
+        bar.close()
+        self.log.close()
+        return TrainResult(steps=self.pos.step, wall_seconds=time.time() - start,
+                           audio_seconds=self.audio_seconds, final_train_loss=last_loss, dev=dev,
+                           skipped_nonfinite=self.skipped)
