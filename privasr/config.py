@@ -97,6 +97,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if tp in (int, float, str) and not isinstance(value, tp):
             raise TypeError
         return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
 

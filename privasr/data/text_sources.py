@@ -71,6 +71,9 @@ def register_text_source(
     def deco(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
         TEXT_SOURCES[name] = fn
         _AVAILABILITY[name] = available if available is not None else (lambda: True)
+        cached = globals().get("_normalized_source")
+        if cached is not None:  # a re-registered name must not serve stale sentences
+            cached.cache_clear()
         return fn
 
     return deco
@@ -125,7 +128,9 @@ _ROMAN_WORDS = frozenset({"mix", "dix", "lix", "civ", "mid", "dim", "mild", "lid
 # Words espeak-ng 1.51 mangles (spells out a leading consonant cluster, or
 # reads as a roman numeral / abbreviation).  Found by running ``espeak-ng -X``
 # over the vocabulary of both sources; sentences containing them are rejected.
-_ESPEAK_BAD_WORDS: frozenset[str] = frozenset()
+# ("ai" -> letter names "A I", "ys" -> "Y s", "bdellium" -> "B dellium", "e'en"
+# -> apostrophe read as "tick" in the trace).
+_ESPEAK_BAD_WORDS = frozenset({"ai", "ys", "bdellium", "e'en"})
 
 _QUOTE_TRANSLATION = str.maketrans(
     {
@@ -139,7 +144,7 @@ _QUOTE_TRANSLATION = str.maketrans(
 )
 # Characters allowed in a raw sentence; anything else (digits, brackets, &, $,
 # /, non-ASCII letters, ...) rejects it.
-_ALLOWED_RAW_RE = re.compile(r"^[A-Za-z '\"_,;:!?.\-]*$")
+_ALLOWED_RAW_RE = re.compile(r"^[A-Za-z\s'\"_,;:!?.\-]*$")
 _TOKEN_RE = re.compile(r"^[A-Za-z]+(?:'[A-Za-z]+)*$")
 _VOWEL_RE = re.compile(r"[aeiouy]")
 _TERMINAL_RE = re.compile(r"[\s.?!;:,\"'_\-]+$")

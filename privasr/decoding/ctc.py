@@ -145,7 +145,7 @@ def path_log_prob(log_probs, text: str, vocab: Sequence[str], blank: int = 0) ->
 class _Node:
     """A hypothesis prefix (node of the prefix tree of hypotheses)."""
 
-    __slots__ = ("parent", "sym", "last", "hist", "partial", "score", "children", "text")
+    __slots__ = ("parent", "sym", "last", "hist", "partial", "score", "text")
 
     def __init__(self, parent, sym: str, last: int, hist: tuple, partial: str, score: float):
         self.parent = parent
@@ -154,7 +154,6 @@ class _Node:
         self.hist = hist        # word history for the LM (starts with <s>)
         self.partial = partial  # the word being spelled ("" right after a space)
         self.score = score      # accumulated LM / bonus / penalty score
-        self.children: dict[int, _Node] = {}
         self.text: str | None = None
 
     def get_text(self) -> str:
@@ -260,6 +259,10 @@ def beam_search(log_probs, vocab: Sequence[str], beam_size: int = 16,
     root = _Node(None, "", -1, start_hist, "", 0.0)
     # beams: node -> (log p ending in blank, log p ending in non-blank)
     beams: dict[_Node, list[float]] = {root: [0.0, _NEG_INF]}
+    # (parent, token) -> child, so that a prefix reached twice is one hypothesis.  Kept
+    # outside the nodes (nodes only point to their parent: no reference cycles, so
+    # pruned hypotheses are freed at once instead of loading the garbage collector).
+    children: dict[tuple[_Node, int], _Node] = {}
 
     # candidate tokens per frame, computed vectorised up front
     if token_top_k is not None and token_top_k < V:
@@ -308,11 +311,11 @@ def beam_search(log_probs, vocab: Sequence[str], beam_size: int = 16,
                     src = ptot
                 if src == _NEG_INF:
                     continue
-                child = node.children.get(c)
+                child = children.get((node, c))
                 if child is None:
                     child = _make_child(node, c, syms[c], c in sep_ids, scorer,
                                         use_word_scoring)
-                    node.children[c] = child
+                    children[(node, c)] = child
                 if child.score == _NEG_INF:
                     continue  # forbidden by the hard lexicon
                 e = nxt.get(child)
@@ -326,6 +329,8 @@ def beam_search(log_probs, vocab: Sequence[str], beam_size: int = 16,
             beams = dict(kept)
         else:
             beams = nxt
+        # only hypotheses still in the beam can be extended again
+        children = {k: v for k, v in children.items() if k[0] in beams}
 
     # final scoring: complete the last word, add </s>, merge equal texts
     finals: dict[str, float] = {}

@@ -18,8 +18,13 @@ Usage:
     log_probs, out_lens = model(feats, feat_lens)          # (B, T', V), (B,)
     loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lens, target_lens, blank=0)
 
-Sizes: "tiny" (~0.3M params, tests), "small" (~3.5M, the CPU demo), "base" (~30M, GPUs).
+Sizes: "tiny" (0.24M params, tests), "small" (3.1M, the CPU demo), "base" (29M, GPUs).
 Inputs need T >= 7 frames so that every example keeps at least one output frame.
+
+Per-example gradients: ``vmap(grad(loss), randomness="different")`` over
+``torch.func.functional_call(model, params, (feats[None], lens[None]))`` works (attention is
+an explicit softmax because SDPA's fused CPU kernel has no batching rule). F.ctc_loss has no
+batching rule either; see ``ctc_sum`` in tests/test_conformer.py for a vmap-safe wrapper.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def checked(loss_fn):
         if bad.any():
             idx = bad.nonzero().flatten().tolist()
             raise NonFiniteLossError([batch.ids[i] for i in idx],
-                                     [float(losses[i]) for i in idx])
+                                     [float(losses.detach()[i]) for i in idx])
         return losses
 
     return wrapped

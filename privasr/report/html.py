@@ -1,0 +1,86 @@
+"""The run report: matplotlib figures of the curves people look at, in one HTML file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from privasr.atomic import atomic_write_text  # noqa: E402
+from privasr.train.metrics_log import MetricsLogger  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def training_figures(run_dir: str | Path) -> dict[str, str]:
+    """Base64 PNGs of the training loss and the dev WER/CER curves of a run."""
+    log = MetricsLogger(run_dir, tensorboard=False)
+    train, dev = log.read("train"), log.read("dev")
+    figs = {}
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+        if dev:
+            ax.plot([r["step"] for r in dev], [r["loss"] for r in dev], "o-", label="dev")
+        ax.set(xlabel="step", ylabel="CTC loss / label", title="Loss", yscale="log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        figs["loss"] = _png(fig)
+    if dev:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in dev], [100 * r["wer"] for r in dev], "o-", label="WER")
+        ax.plot([r["step"] for r in dev], [100 * r["cer"] for r in dev], "s-", label="CER")
+        ax.set(xlabel="step", ylabel="%", title="Dev error rates (greedy)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        figs["wer"] = _png(fig)
+    return figs
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[str, Any]]],
+                 notes: str = "") -> Path:
+    """Write ``run_dir/report.html`` with the given tables and the run's curves."""
+    run_dir = Path(run_dir)
+    figs = training_figures(run_dir)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if notes:
+        parts.append(f"<p>{html.escape(notes)}</p>")
+    for name, rows in tables.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>{_table(rows)}")
+    for name, b64 in figs.items():
+        parts.append(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{b64}">')
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+           f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path = run_dir / "report.html"
+    atomic_write_text(path, doc)
+    return path
