@@ -78,7 +78,8 @@ def _demo(a: argparse.Namespace) -> int:
 def _eval(a: argparse.Namespace) -> int:
     from privasr.inference import eval_command
 
-    return eval_command(a.checkpoint, a.manifest, out=a.out, beam=a.beam, lm_train=a.lm)
+    return eval_command(a.checkpoint, a.manifest, out=a.out, beam=a.beam, lm_train=a.lm,
+                        lm_weight=a.lm_weight, word_bonus=a.word_bonus)
 
 
 def _transcribe(a: argparse.Namespace) -> int:
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON results path (default: next to the checkpoint)")
     e.add_argument("--beam", type=int, default=0, help="beam size (0: greedy)")
     e.add_argument("--lm", help="training manifest whose transcripts build a word n-gram LM")
+    e.add_argument("--lm-weight", type=float, default=0.3, help="LM weight (shallow fusion)")
+    e.add_argument("--word-bonus", type=float, default=1.0, help="score bonus per word")
     e.set_defaults(fn=_eval)
 
     tr = sub.add_parser("transcribe", help="transcribe audio files with a checkpoint")

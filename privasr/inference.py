@@ -48,7 +48,7 @@ def transcribe_files(model: ConformerCTC, vocab: list[str], paths: list[str]):
 
 
 def decode_beam(log_probs: list[torch.Tensor], vocab: list[str], *, beam: int,
-                lm: WordNgramLM | None, lm_weight: float = 0.5, word_bonus: float = 1.0,
+                lm: WordNgramLM | None, lm_weight: float = 0.3, word_bonus: float = 1.0,
                 oov_penalty: float = -3.0) -> list[str]:
     lex = Lexicon.from_lm(lm) if lm is not None else None
     return [beam_search(lp.numpy(), vocab, beam_size=beam, lm=lm, lm_weight=lm_weight,
@@ -57,7 +57,7 @@ def decode_beam(log_probs: list[torch.Tensor], vocab: list[str], *, beam: int,
 
 
 def eval_command(ckpt: str, manifest: str, *, out: str | None = None, beam: int = 0,
-                 lm_train: str | None = None, lm_weight: float = 0.5, word_bonus: float = 1.0
+                 lm_train: str | None = None, lm_weight: float = 0.3, word_bonus: float = 1.0
                  ) -> int:
     model, vocab = load_model(ckpt)
     utts = validate(read_manifest(manifest))

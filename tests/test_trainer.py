@@ -54,6 +54,18 @@ def test_tiny_end_to_end_train_and_eval(tiny_corpus, tmp_path):
     html = write_report(tmp_path / "run", "t", {"x": [{"a": 1.0}]}).read_text()
     assert html.count("data:image/png;base64") == 2
 
+    # privasr eval (greedy + beam with a word LM from the training text) and transcribe
+    from privasr.cli import main
+
+    ckpt, test = tmp_path / "run" / "last.pt", corpus / "test.jsonl"
+    assert main(["eval", str(ckpt), str(test), "--beam", "4", "--lm",
+                 str(corpus / "train.jsonl"), "--out", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert set(ev["results"]) == {"greedy", "beam4+lm"}
+    assert ev["results"]["greedy"]["wer"] == pytest.approx(res["test_wer"])
+    audio = read_manifest(test)[0].audio
+    assert main(["transcribe", str(ckpt), audio]) == 0
+
 
 def test_kill_and_resume_gives_identical_parameters(tiny_corpus, tmp_path):
     corpus, _, _ = tiny_corpus

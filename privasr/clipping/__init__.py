@@ -1,0 +1,22 @@
+"""Clipping at every granularity, and DP-SGD: the one equation of DESIGN.md.
+
+    g = ( Σ_{u in units} clip(g_u ; C, scope)  +  σ·C·ξ ) / E[#units]        ξ ~ N(0, I)
+
+- ``ClipPolicy`` (policy.py): what -- unit, bound, scope, σ, E[#units]; validated.
+- engines (engines.py): how -- ``reference`` (ground truth), ``vectorized``; ``get_engine``.
+- ``ClippedGradient`` (strategy.py): the trainer's ``GradientStrategy``; noise and normalisation.
+- ``GaussianNoise`` (noise.py): seeded or CSPRNG noise.
+"""
+
+from privasr.clipping.engines import (ENGINES, ClipResult, Engine, ReferenceEngine,
+                                      VectorizedEngine, get_engine, per_example_grads,
+                                      register_engine)
+from privasr.clipping.noise import GaussianNoise, secure_standard_normal
+from privasr.clipping.policy import (ClipPolicy, PolicyError, assign_groups,
+                                     split_noise_multiplier)
+from privasr.clipping.strategy import ClippedGradient
+
+__all__ = ["ClipPolicy", "PolicyError", "assign_groups", "split_noise_multiplier", "ENGINES",
+           "ClipResult", "Engine", "ReferenceEngine", "VectorizedEngine", "get_engine",
+           "per_example_grads", "register_engine", "ClippedGradient", "GaussianNoise",
+           "secure_standard_normal"]

@@ -1,0 +1,466 @@
+"""Engines: *how* Σ_u clip(g_u) is computed for one logical batch (a list of physical batches).
+
+Every engine returns the same ``ClipResult`` for the same policy; ``reference`` is the ground
+truth the others are tested against. Register a new one with ``@register_engine``.
+
+``reference``   a Python loop, one forward/backward per unit (an example alone with its
+                padding trimmed; a group's examples re-padded into one batch, its mean loss).
+                Slow, obviously correct.
+``vectorized``  per-example gradients of a chunk of examples in one pass, then per-unit norms
+                and clipping as tensor ops (micro-batch / core units: per-example gradients are
+                averaged into their groups first, then clipped).
+
+How ``vectorized`` gets per-example gradients. The usual ``vmap(grad(loss))`` would run the
+trainer's loss function under ``vmap``, which breaks twice for CTC: ``F.ctc_loss`` has no
+batching rule (its fallback loop crashes on different target lengths), and the trainer's
+``checked()`` NaN guard branches on a tensor. So the engine turns the problem around: it
+gives ``loss_fn`` a stand-in for the model whose ``__call__`` runs
+``vmap(functional_call(model, params_i, example_i))`` with one (stride-0, copy-free) replica
+of every trainable parameter per example, and then takes ONE ordinary
+``autograd.grad(losses.sum(), replicas)``. Example i's loss depends only on replica i, so the
+gradient w.r.t. replica i is example i's gradient. ``loss_fn`` itself -- native CTC, autocast,
+the finiteness check -- runs outside vmap, untouched. Contract: ``loss_fn(model, batch)`` gets
+the model's output by calling ``model(...)`` with tensors whose dim 0 is the batch (like
+``per_example_ctc``), and no example's loss depends on another example (no BatchNorm).
+Frozen parameters (requires_grad=False) get no replicas and no gradients.
+Memory: ``chunk_size`` × (trainable parameters) for the per-example gradients, plus
+G × (trainable parameters) for the group sums of micro-batch / core units.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
+from privasr.data.dataset import Batch
+
+__all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
+           "resolve_layers", "trainable_parameters", "ReferenceEngine", "VectorizedEngine",
+           "per_example_grads"]
+
+LossFn = Callable[[nn.Module, Batch], Tensor]
+UNIFORM_EPS = 1e-10  # ml-pfl4asr clip_layer_grads: g_l / (‖g_l‖ + 1e-10) · C/√L
+# Deviation from ml-pfl4asr: under the uniform rule a tensor whose norm is below
+# UNIFORM_ZERO_RTOL × (the unit's total norm) is rounding noise of a gradient that is exactly 0
+# in exact arithmetic (e.g. attention key biases: softmax ignores a per-row constant), and
+# rescaling it to C/√L would inject that noise at full size. Such tensors are set to 0 instead.
+# (ml-pfl4asr's models have no biases, so they never meet the case.)
+UNIFORM_ZERO_RTOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# results, layers, registry
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ClipResult:
+    """Σ_u clip(g_u) per trainable parameter, and what happened to each realised unit."""
+
+    grads: dict[str, Tensor]   # name -> tensor shaped like the parameter
+    norms: Tensor              # (U,) global L2 norm of each unit's gradient before clipping
+    clipped: Tensor            # (U,) bool: the unit was changed by clipping
+    bound: float               # total bound in force: C, C_t (adaptive), sqrt(Σ C_l²) (layers)
+    loss_sum: float            # Σ of per-example losses over the logical batch
+    examples: int
+
+    @property
+    def units(self) -> int:
+        return int(self.norms.numel())
+
+    @property
+    def unclipped(self) -> int:
+        """Units with ‖g_u‖ ≤ bound: the count behind the quantile bound update."""
+        return int((self.norms <= self.bound).sum()) if self.units else 0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How the scope applies to the trainable tensors ``names`` (each tensor is one layer)."""
+
+    names: tuple[str, ...]
+    mode: str                           # "global" | "uniform" | "layers"
+    layer_bounds: tuple[float, ...] | None = None
+
+    def total_bound(self, clip_norm: float) -> float:
+        if self.mode == "layers":
+            return math.sqrt(sum(c * c for c in self.layer_bounds))
+        return float(clip_norm)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def resolve_layers(policy: ClipPolicy, names: Sequence[str]) -> LayerSpec:
+    """Match the policy's per-layer bounds to parameter names (raises PolicyError on misfits)."""
+    names = tuple(names)
+    if policy.scope == "global":
+        return LayerSpec(names, "global")
+    if policy.per_layer_rule == "uniform":
+        return LayerSpec(names, "uniform")
+    patterns = list(policy.layer_bounds.items())
+    used = {pat: 0 for pat, _ in patterns}
+    bounds, unmatched = [], []
+    for n in names:
+        for pat, c in patterns:
+            if fnmatchcase(n, pat):
+                bounds.append(float(c))
+                used[pat] += 1
+                break
+        else:
+            unmatched.append(n)
+    dead = [pat for pat, k in used.items() if k == 0]
+    if dead:
+        raise PolicyError(f"layer_bounds pattern(s) {dead} match no trainable parameter (a typo, "
+                          f"or every match comes earlier or is frozen); trainable names look "
+                          f"like {list(names[:4])}")
+    if unmatched:
+        raise PolicyError(f"{len(unmatched)} trainable parameter(s) match no layer_bounds "
+                          f"pattern, e.g. {unmatched[:4]}: every tensor needs a bound (add a "
+                          f"catch-all '*' pattern last)")
+    return LayerSpec(names, "layers", tuple(bounds))
+
+
+ENGINES: dict[str, type["Engine"]] = {}
+
+
+def register_engine(cls: type["Engine"]) -> type["Engine"]:
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    ENGINES[cls.name] = cls
+    return cls
+
+
+def get_engine(name: str, **kwargs: Any) -> "Engine":
+    """An instance of the engine registered as ``name``."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown clipping engine {name!r}; registered: {', '.join(ENGINES)}")
+    return ENGINES[name](**kwargs)
+
+
+class Engine(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def clipped_sum(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn,
+                    policy: ClipPolicy, *, clip_norm: float | None = None, step: int = 0
+                    ) -> ClipResult:
+        """Σ_u clip(g_u) over the units of the logical batch ``batches``.
+
+        ``clip_norm``: the bound in force this step (the quantile state); defaults to
+        ``policy.clip_norm``. ``step`` salts the hash grouping of micro-batches / cores.
+        """
+
+
+# ---------------------------------------------------------------------------------------------
+# batch plumbing
+# ---------------------------------------------------------------------------------------------
+def _nonempty(batches: Sequence[Batch]) -> list[Batch]:
+    return [b for b in batches if len(b) > 0]
+
+
+def _trim(b: Batch) -> Batch:
+    """Drop the columns of padding no example of ``b`` needs."""
+    t = int(b.feat_lens.max())
+    s = max(1, int(b.target_lens.max())) if b.targets.shape[1] else 0
+    return Batch(list(b.ids), b.feats[:, :t], b.feat_lens, b.targets[:, :s], b.target_lens)
+
+
+def _rows(b: Batch, start: int, stop: int) -> Batch:
+    return _trim(Batch(b.ids[start:stop], b.feats[start:stop], b.feat_lens[start:stop],
+                       b.targets[start:stop], b.target_lens[start:stop]))
+
+
+def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch:
+    """The examples at (batch index, row) pairs, re-padded into one batch."""
+    rows = [(batches[bi], r) for bi, r in where]
+    t = max(int(b.feat_lens[r]) for b, r in rows)
+    s = max(1, max(int(b.target_lens[r]) for b, r in rows))
+    ref = rows[0][0]
+    feats = ref.feats.new_zeros((len(rows), t, ref.feats.shape[2]))
+    targets = ref.targets.new_zeros((len(rows), s))
+    for i, (b, r) in enumerate(rows):
+        n, k = int(b.feat_lens[r]), int(b.target_lens[r])
+        feats[i, :n] = b.feats[r, :n]
+        targets[i, :k] = b.targets[r, :k]
+    return Batch([b.ids[r] for b, r in rows], feats,
+                 torch.stack([b.feat_lens[r] for b, r in rows]), targets,
+                 torch.stack([b.target_lens[r] for b, r in rows]))
+
+
+def _check_losses(losses: Tensor, n: int) -> Tensor:
+    if losses.dim() != 1 or losses.shape[0] != n:
+        raise ValueError(f"loss_fn must return one loss per example, shape ({n},); "
+                         f"got {tuple(losses.shape)}")
+    return losses
+
+
+def _grads(loss: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(params.items(), gs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# reference engine
+# ---------------------------------------------------------------------------------------------
+def _clip_one(g: dict[str, Tensor], spec: LayerSpec, c: float
+              ) -> tuple[dict[str, Tensor], float, bool]:
+    """One unit, written as plainly as possible (the ground truth for the vectorized math)."""
+    layer = {n: math.sqrt(float(g[n].double().pow(2).sum())) for n in spec.names}
+    total = math.sqrt(sum(v * v for v in layer.values()))
+    if spec.mode == "global":
+        if total > c:
+            return {n: g[n] * (c / total) for n in spec.names}, total, True
+        return dict(g), total, False
+    if spec.mode == "uniform":
+        if total < c:
+            return dict(g), total, False
+        target = c / math.sqrt(len(spec.names))
+        return {n: (g[n] / (layer[n] + UNIFORM_EPS) * target
+                    if layer[n] > UNIFORM_ZERO_RTOL * total else torch.zeros_like(g[n]))
+                for n in spec.names}, total, True
+    out, clipped = {}, False
+    for n, cl in zip(spec.names, spec.layer_bounds):
+        if layer[n] > cl:
+            out[n], clipped = g[n] * (cl / layer[n]), True
+        else:
+            out[n] = g[n]
+    return out, total, clipped
+
+
+@register_engine
+class ReferenceEngine(Engine):
+    """One backward per unit; clipping in plain Python. The ground truth."""
+
+    name = "reference"
+
+    def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
+        params = trainable_parameters(model)
+        spec = resolve_layers(policy, list(params))
+        batches = _nonempty(batches)
+        where = [(bi, r) for bi, b in enumerate(batches) for r in range(len(b))]
+        ids = [batches[bi].ids[r] for bi, r in where]
+        unit_of, _ = assign_groups(policy, ids, step)
+        members: dict[int, list[tuple[int, int]]] = {}
+        for w, u in zip(where, unit_of):
+            members.setdefault(u, []).append(w)
+
+        unit_grads, loss_sum = [], 0.0
+        for u in sorted(members):
+            b = _gather(batches, members[u])    # an example alone is trimmed to its own length
+            losses = _check_losses(loss_fn(model, b), len(b))
+            loss_sum += float(losses.detach().sum())
+            unit_grads.append(_grads(losses.mean(), params))
+
+        norms = [math.sqrt(sum(float(g[n].double().pow(2).sum()) for n in spec.names))
+                 for g in unit_grads]
+        if policy.bound == "adaptive_min":
+            c = min(norms) if norms else math.nan
+        else:
+            c = policy.clip_norm if clip_norm is None else clip_norm
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        flags = []
+        for g in unit_grads:
+            cg, _, was = _clip_one(g, spec, c)
+            flags.append(was)
+            for n in spec.names:
+                total[n] += cg[n]
+        bound = c if policy.bound == "adaptive_min" else spec.total_bound(c)
+        return ClipResult(total, torch.tensor(norms, dtype=torch.float64),
+                          torch.tensor(flags, dtype=torch.bool), float(bound), loss_sum, len(ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# vectorized engine
+# ---------------------------------------------------------------------------------------------
+def _first_row(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out[0]
+    if isinstance(out, (tuple, list)):
+        return type(out)(_first_row(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _first_row(v) for k, v in out.items()}
+    raise TypeError(f"per-example model outputs must be tensors (or tuples/lists/dicts of "
+                    f"tensors) with the batch in dim 0; got {type(out).__name__}")
+
+
+class _PerExampleModel:
+    """Stands in for ``model`` inside ``loss_fn``: each example runs alone, with its own replica
+    of the trainable parameters (``replicas[name]`` has shape (B, *param.shape))."""
+
+    def __init__(self, model: nn.Module, replicas: dict[str, Tensor]) -> None:
+        self._model = model
+        self._replicas = replicas
+
+    def __getattr__(self, name: str) -> Any:     # model.cfg, model.output_lengths(...), ...
+        return getattr(self._model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pos = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        keys = [k for k, v in kwargs.items() if isinstance(v, Tensor)]
+
+        def one(params: dict[str, Tensor], *ts: Tensor) -> Any:
+            a, kw = list(args), dict(kwargs)
+            for i, t in zip(pos, ts):
+                a[i] = t.unsqueeze(0)
+            for k, t in zip(keys, ts[len(pos):]):
+                kw[k] = t.unsqueeze(0)
+            return _first_row(functional_call(self._model, params, tuple(a), kw))
+
+        return vmap(one, randomness="different")(
+            self._replicas, *[args[i] for i in pos], *[kwargs[k] for k in keys])
+
+
+def per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
+                      loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+    """({name: (B, *shape)} per-example gradients of loss_fn's (B,) losses, the losses)."""
+    n = len(batch)
+    replicas = {k: p.detach().expand(n, *p.shape).requires_grad_() for k, p in params.items()}
+    losses = _check_losses(loss_fn(_PerExampleModel(model, replicas), batch), n)
+    gs = torch.autograd.grad(losses.sum(), list(replicas.values()), allow_unused=True)
+    if all(g is None for g in gs):
+        raise RuntimeError("the loss does not depend on the per-example parameters: loss_fn must "
+                           "get its outputs by calling model(...) on the batch (see "
+                           "privasr.clipping.engines)")
+    return ({k: torch.zeros(n, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+             for (k, p), g in zip(params.items(), gs)}, losses.detach())
+
+
+class _UnitClipper:
+    """Accumulates Σ_u clip(g_u) for stacks of unit gradients {name: (U, *shape)}.
+
+    For ``adaptive_min`` the bound C_t = min_u ‖g_u‖ is only known after the last unit, and
+    every unit is rescaled (‖g_u‖ ≥ C_t): the sum is accumulated for C = 1 (Σ g_u/‖g_u‖, or
+    Σ g_{u,l}/(‖g_{u,l}‖+ε)/√L for the uniform rule) and multiplied by C_t at the end.
+    """
+
+    def __init__(self, spec: LayerSpec, policy: ClipPolicy, clip_norm: float | None,
+                 params: dict[str, nn.Parameter]) -> None:
+        self.spec, self.adaptive = spec, policy.bound == "adaptive_min"
+        c = policy.clip_norm if clip_norm is None else clip_norm
+        self.c = None if self.adaptive or c is None else float(c)   # None: layer_bounds
+        self.sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.norms: list[Tensor] = []
+        self.flags: list[Tensor] = []
+        if spec.mode == "layers":
+            ref = next(iter(params.values()), torch.zeros(()))
+            self.layer_c = torch.tensor(spec.layer_bounds, dtype=ref.dtype, device=ref.device)
+
+    def add(self, g: dict[str, Tensor]) -> None:
+        names = self.spec.names
+        if not names:
+            return
+        sq = torch.stack([g[n].flatten(1).pow(2).sum(1) for n in names], dim=1)    # (U, L)
+        total = sq.sum(1).sqrt()
+        self.norms.append(total.detach().double().cpu())
+        mode, c = self.spec.mode, self.c
+        root_l = math.sqrt(len(names))
+        if mode == "global":
+            if self.adaptive:
+                f = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+            else:
+                f = (c / total).clamp(max=1.0)          # total = 0 -> inf -> 1
+                self.flags.append((total > c).cpu())
+            factors = f[:, None].expand(-1, len(names))
+        elif mode == "uniform":
+            layer = sq.sqrt()
+            rescale = torch.where(layer > UNIFORM_ZERO_RTOL * total[:, None],
+                                  1.0 / root_l / (layer + UNIFORM_EPS), torch.zeros_like(layer))
+            if self.adaptive:
+                factors = rescale
+            else:
+                keep = total < c
+                factors = torch.where(keep[:, None], torch.ones_like(rescale), c * rescale)
+                self.flags.append((~keep).cpu())
+        else:
+            layer = sq.sqrt()
+            factors = (self.layer_c[None, :] / layer).clamp(max=1.0)
+            self.flags.append((layer > self.layer_c[None, :]).any(1).cpu())
+        for j, n in enumerate(names):
+            self.sums[n] += torch.tensordot(factors[:, j].to(g[n].dtype), g[n], dims=1)
+
+    def finish(self, loss_sum: float, examples: int) -> ClipResult:
+        norms = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)
+        if self.adaptive:
+            c = float(norms.min()) if norms.numel() else math.nan
+            for s in self.sums.values():
+                s.mul_(c if norms.numel() else 0.0)
+            flags = norms > c if self.spec.mode == "global" else torch.ones_like(norms, dtype=bool)
+            bound = c
+        else:
+            flags = torch.cat(self.flags) if self.flags else torch.zeros(norms.shape, dtype=bool)
+            bound = self.spec.total_bound(self.c)
+        return ClipResult(self.sums, norms, flags, float(bound), loss_sum, examples)
+
+
+@register_engine
+class VectorizedEngine(Engine):
+    """Per-example gradients, ``chunk_size`` examples at a time, clipped with tensor ops."""
+
+    name = "vectorized"
+
+    def __init__(self, *, chunk_size: int = 16) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+        self.chunk_size = chunk_size
+
+    def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
+        params = trainable_parameters(model)
+        spec = resolve_layers(policy, list(params))
+        clipper = _UnitClipper(spec, policy, clip_norm, params)
+        batches = _nonempty(batches)
+        n = sum(len(b) for b in batches)
+        loss_sum = 0.0
+        if n == 0:
+            return clipper.finish(0.0, 0)
+
+        if policy.unit == "batch":      # ordinary mean gradient: no per-example work at all
+            mean = {k: torch.zeros_like(p) for k, p in params.items()}
+            for b in batches:
+                losses = _check_losses(loss_fn(model, b), len(b))
+                loss_sum += float(losses.detach().sum())
+                for k, g in _grads(losses.sum() / n, params).items():
+                    mean[k] += g
+            clipper.add({k: v[None] for k, v in mean.items()})
+            return clipper.finish(loss_sum, n)
+
+        unit_of, groups = assign_groups(policy, [i for b in batches for i in b.ids], step)
+        unit_of = torch.tensor(unit_of, dtype=torch.long)
+        grouped = policy.unit != "example"
+        if grouped:
+            dev = next(iter(params.values())).device if params else torch.device("cpu")
+            sums = {k: torch.zeros(groups, *p.shape, dtype=p.dtype, device=p.device)
+                    for k, p in params.items()}
+            counts = torch.zeros(groups, dtype=torch.long)
+        pos = 0
+        for b in batches:
+            for start in range(0, len(b), self.chunk_size):
+                sub = _rows(b, start, min(len(b), start + self.chunk_size))
+                g, losses = per_example_grads(model, params, sub, loss_fn)
+                loss_sum += float(losses.sum())
+                if grouped:
+                    idx = unit_of[pos:pos + len(sub)]
+                    counts.index_add_(0, idx, torch.ones_like(idx))
+                    idx = idx.to(dev)
+                    for k in sums:
+                        sums[k].index_add_(0, idx, g[k])
+                else:
+                    clipper.add(g)
+                pos += len(sub)
+                del g
+        if grouped:
+            live = (counts > 0).nonzero().flatten()
+            div = counts[live].to(dev)
+            for s in range(0, live.numel(), self.chunk_size):      # bounded temporary memory
+                sel, d = live[s:s + self.chunk_size].to(dev), div[s:s + self.chunk_size]
+                clipper.add({k: v[sel] / d.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
+                             for k, v in sums.items()})
+        return clipper.finish(loss_sum, n)

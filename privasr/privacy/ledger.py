@@ -1,0 +1,270 @@
+"""The privacy ledger of a run: what was spent so far, and a budget that refuses the next step.
+
+Usage in a training loop::
+
+    ledger = PrivacyLedger(noise_multiplier=sigma, sample_rate=q, delta=1e-5,
+                           unit="example", target_epsilon=8.0)
+    for batch in batches:
+        ledger.check_before_step()      # raises PrivacyBudgetExceeded when the budget is spent
+        ...                             # noisy update
+        ledger.record_step()
+    ckpt["privacy_ledger"] = ledger.to_dict()          # plain JSON-able types
+    ...
+    ledger = PrivacyLedger.from_dict(ckpt["privacy_ledger"])   # resume continues the ledger
+
+The ledger records segments ``[steps, σ, q]``: a change of σ or q (:meth:`set_params`) starts a
+new segment, and ε composes all of them. ε is computed only when asked (and cached); the budget
+check precomputes once, by binary search, how many steps at the current (σ, q) fit in the
+budget, so the per-step check is an integer comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from privasr.privacy.accountant import (
+    PrivacyUnit,
+    _check_delta,
+    _check_factor,
+    _check_method,
+    _check_q,
+    _check_sigma,
+    _check_steps,
+    default_sensitivity_factor,
+    epsilon_for_segments,
+    max_steps,
+)
+
+__all__ = ["PrivacyBudgetExceeded", "PrivacyLedger"]
+
+LEDGER_FORMAT_VERSION = 1
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """The next step would spend more ε than the budget allows."""
+
+    def __init__(self, message: str, *, epsilon_next: float, budget: float, steps_done: int):
+        super().__init__(message)
+        self.epsilon_next = epsilon_next
+        self.budget = budget
+        self.steps_done = steps_done
+
+
+def _fmt(x: float) -> str:
+    """3 significant digits; small numbers as 3.2e-4 rather than 0.00032 or 3.20e-04."""
+    if x is None:
+        return "none"
+    x = float(x)
+    if math.isinf(x) or math.isnan(x):
+        return str(x)
+    if x != 0.0 and abs(x) < 1e-3:
+        mant, exp = f"{x:.2e}".split("e")
+        mant = mant.rstrip("0").rstrip(".")
+        return f"{mant}e{int(exp)}"
+    return f"{x:.3g}"
+
+
+@dataclass
+class PrivacyLedger:
+    """The privacy state of one run (see the module docstring).
+
+    ``noise_multiplier`` and ``sample_rate`` are the *current* σ and q (those of the next step);
+    ``segments`` holds what was already spent, as ``[steps, σ, q]`` lists. ``sensitivity_factor``
+    defaults to the unit's (1 for example/client, 2 for microbatch/core; see
+    :mod:`privasr.privacy.accountant`). ``target_epsilon`` None means no budget.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    unit: str = PrivacyUnit.EXAMPLE
+    sensitivity_factor: float | None = None
+    target_epsilon: float | None = None
+    method: str = "pld"
+    segments: list[list] = field(default_factory=list)
+    _budget_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.unit = PrivacyUnit(self.unit)
+        self.noise_multiplier = _check_sigma(self.noise_multiplier)
+        self.sample_rate = _check_q(self.sample_rate, allow_zero=False)
+        self.delta = _check_delta(self.delta)
+        self.method = _check_method(self.method)
+        default_k = default_sensitivity_factor(self.unit)
+        if self.sensitivity_factor is None:
+            self.sensitivity_factor = default_k
+        self.sensitivity_factor = _check_factor(self.sensitivity_factor)
+        if self.sensitivity_factor < default_k:
+            warnings.warn(
+                f"sensitivity_factor {self.sensitivity_factor:g} is below the default "
+                f"{default_k:g} for unit {self.unit.value!r}; that is only valid when each "
+                "micro-batch/core holds a single example", stacklevel=2)
+        if self.target_epsilon is not None:
+            self.target_epsilon = float(self.target_epsilon)
+            if not (self.target_epsilon > 0.0):
+                raise ValueError(f"target_epsilon must be > 0 or None, got {self.target_epsilon}")
+        cleaned = []
+        for seg in self.segments:
+            steps, sigma, q = seg
+            cleaned.append([_check_steps(steps, minimum=0), _check_sigma(sigma),
+                            _check_q(q, allow_zero=True)])
+        self.segments = cleaned
+
+    # ------------------------------------------------------------------ recording
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded so far, over all segments."""
+        return sum(s[0] for s in self.segments)
+
+    def set_params(self, *, noise_multiplier: float | None = None,
+                   sample_rate: float | None = None) -> None:
+        """Change σ and/or q for the following steps (a new segment starts at the next step)."""
+        if noise_multiplier is not None:
+            self.noise_multiplier = _check_sigma(noise_multiplier)
+        if sample_rate is not None:
+            self.sample_rate = _check_q(sample_rate, allow_zero=False)
+
+    def record_step(self, n: int = 1) -> None:
+        """Record ``n`` steps taken at the current (σ, q)."""
+        n = _check_steps(n, minimum=0)
+        if n == 0:
+            return
+        if self.segments and self.segments[-1][1:] == [self.noise_multiplier, self.sample_rate]:
+            self.segments[-1][0] += n
+        else:
+            self.segments.append([n, self.noise_multiplier, self.sample_rate])
+
+    # ------------------------------------------------------------------ accounting
+
+    def _segments_after(self, n_more: int) -> list[list]:
+        segs = [list(s) for s in self.segments]
+        if n_more:
+            if segs and segs[-1][1:] == [self.noise_multiplier, self.sample_rate]:
+                segs[-1][0] += n_more
+            else:
+                segs.append([n_more, self.noise_multiplier, self.sample_rate])
+        return segs
+
+    def _epsilon_of(self, segments: list[list]) -> float:
+        return epsilon_for_segments(segments, self.delta, method=self.method,
+                                    sensitivity_factor=self.sensitivity_factor)
+
+    def epsilon(self) -> float:
+        """ε spent so far at this ledger's δ (``inf`` once a σ = 0 step was taken)."""
+        return self._epsilon_of(self.segments)
+
+    def epsilon_after(self, n_more_steps: int = 1) -> float:
+        """ε after ``n_more_steps`` further steps at the current (σ, q)."""
+        return self._epsilon_of(self._segments_after(_check_steps(n_more_steps, minimum=0)))
+
+    def max_total_steps(self) -> int | None:
+        """The largest total step count that fits the budget if σ and q stay as they are now.
+
+        None without a budget. Computed once per (prior segments, σ, q, budget) by binary
+        search and cached, so calling it every step is cheap.
+        """
+        if self.target_epsilon is None:
+            return None
+        segs = self.segments
+        current = [self.noise_multiplier, self.sample_rate]
+        tail = segs[-1][0] if segs and segs[-1][1:] == current else 0
+        prior = segs[:-1] if tail else segs
+        key = (tuple(map(tuple, prior)), *current, self.delta, self.sensitivity_factor,
+               self.method, self.target_epsilon)
+        if key not in self._budget_cache:
+            self._budget_cache.clear()
+            n = max_steps(self.noise_multiplier, self.sample_rate, self.delta,
+                          self.target_epsilon, method=self.method,
+                          sensitivity_factor=self.sensitivity_factor, prior_segments=prior)
+            self._budget_cache[key] = sum(s[0] for s in prior) + n
+        return self._budget_cache[key]
+
+    def would_exceed(self, n_more_steps: int = 1) -> bool:
+        """Whether ``n_more_steps`` more steps would take ε above the budget (False: no budget)."""
+        n = _check_steps(n_more_steps, minimum=0)
+        if self.target_epsilon is None:
+            return False
+        if self.epsilon() > self.target_epsilon:  # already over (e.g. a budget lowered on resume)
+            return True
+        return self.steps + n > self.max_total_steps()
+
+    def check_before_step(self, n_more_steps: int = 1) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` if the next step(s) would exceed the budget."""
+        if not self.would_exceed(n_more_steps):
+            return
+        eps_next = self.epsilon_after(n_more_steps)
+        what = "the next step" if n_more_steps == 1 else f"the next {n_more_steps} steps"
+        raise PrivacyBudgetExceeded(
+            f"{what} would spend ε={_fmt(eps_next)} > budget ε={_fmt(self.target_epsilon)}; "
+            f"stopping ({self.steps} steps done, ε spent = {_fmt(self.epsilon())}, "
+            f"δ={_fmt(self.delta)}, unit {self.unit.value}: {self.unit.description}, "
+            f"σ={_fmt(self.noise_multiplier)}, q={_fmt(self.sample_rate)}, "
+            f"{self.method.upper()})",
+            epsilon_next=eps_next, budget=self.target_epsilon, steps_done=self.steps)
+
+    # ------------------------------------------------------------------ reporting / storage
+
+    def summary(self) -> str:
+        """E.g. 'ε = 7.93 at δ = 3.2e-4 (unit: example, σ = 1.1, q = 0.004, 1200 steps, PLD)'."""
+        parts = [f"unit: {self.unit.value}"]
+        sigmas = sorted({s[1] for s in self.segments if s[0]} | {self.noise_multiplier})
+        qs = sorted({s[2] for s in self.segments if s[0]} | {self.sample_rate})
+        parts.append("σ = " + ("–".join(_fmt(x) for x in (sigmas[0], sigmas[-1]))
+                               if len(sigmas) > 1 else _fmt(sigmas[0])))
+        parts.append("q = " + ("–".join(_fmt(x) for x in (qs[0], qs[-1]))
+                               if len(qs) > 1 else _fmt(qs[0])))
+        if self.sensitivity_factor != 1.0:
+            parts.append(f"sensitivity {_fmt(self.sensitivity_factor)}C")
+        parts.append(f"{self.steps} steps")
+        if len(self.segments) > 1:
+            parts.append(f"{len(self.segments)} segments")
+        parts.append(self.method.upper())
+        if self.target_epsilon is not None:
+            parts.append(f"budget ε ≤ {_fmt(self.target_epsilon)}")
+        return (f"ε = {_fmt(self.epsilon())} at δ = {_fmt(self.delta)} ({', '.join(parts)}) — "
+                f"{self.unit.description}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able types (also loadable by ``torch.load(weights_only=True)``).
+
+        ``epsilon`` (spent; the string "inf" when infinite) and ``unit_description`` are
+        informational for results.json and ignored by :meth:`from_dict`.
+        """
+        eps = self.epsilon()
+        try:
+            import dp_accounting  # noqa: F401
+            from importlib.metadata import version
+            dp_version = version("dp-accounting")
+        except Exception:  # pragma: no cover - metadata missing
+            dp_version = None
+        return {
+            "format_version": LEDGER_FORMAT_VERSION,
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "delta": float(self.delta),
+            "unit": self.unit.value,
+            "sensitivity_factor": float(self.sensitivity_factor),
+            "target_epsilon": None if self.target_epsilon is None else float(self.target_epsilon),
+            "method": self.method,
+            "segments": [[int(s[0]), float(s[1]), float(s[2])] for s in self.segments],
+            "steps": int(self.steps),
+            "epsilon": eps if math.isfinite(eps) else "inf",
+            "unit_description": self.unit.description,
+            "dp_accounting_version": dp_version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrivacyLedger:
+        version = int(d.get("format_version", LEDGER_FORMAT_VERSION))
+        if version > LEDGER_FORMAT_VERSION:
+            raise ValueError(f"privacy ledger format {version} is newer than this privasr "
+                             f"understands ({LEDGER_FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["segments"] = [list(s) for s in d.get("segments", [])]
+        return cls(**kwargs)
