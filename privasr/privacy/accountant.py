@@ -23,18 +23,20 @@ removing one protected entity moves the sum by at most k·C. Because noise std �
 sensitivity k·C is the same mechanism as noise std (σ/k)·C with sensitivity C, the accountant
 uses the *effective noise multiplier* σ/k. So for the same ε, k = 2 needs exactly twice the σ.
 
-=============  ================================================  ====================  ===  =================
-unit           what is clipped to C                              neighbouring datasets  k    the ε is
-=============  ================================================  ====================  ===  =================
-``example``    each example's gradient (per-example DP-SGD)       add/remove 1 example  1    per example
-``microbatch`` the mean gradient of each micro-batch of m > 1     add/remove 1 example  2    per example
-               examples; examples go to micro-batches by a
-               FIXED function of their id (e.g. hash(id) mod G)
-``core``       the mean gradient of each core's shard (per-core   add/remove 1 example  2    per example
-               clipping, PCC); shard = fixed function of the id
-``client``     each client's model delta; client = speaker,      add/remove 1 speaker  1    per speaker
-               holding all of that speaker's utterances            (all their data)           (user-level DP)
-=============  ================================================  ====================  ===  =================
+==============  ===============================================  ================  ===  ============
+unit            what is clipped to C                             neighbours        k    ε is
+==============  ===============================================  ================  ===  ============
+``example``     each example's gradient (per-example DP-SGD)     ± 1 example       1    per example
+``microbatch``  the mean gradient of each micro-batch of m > 1   ± 1 example       2    per example
+                examples; examples go to micro-batches by a
+                FIXED function of their id (hash(id) mod G)
+``core``        the mean gradient of each core's shard (per-     ± 1 example       2    per example
+                core clipping, PCC); shard = fixed fn of the id
+``client``      each client's model delta; a client is one       ± 1 speaker       1    per speaker
+                speaker holding all of that speaker's data       (all their data)       (user-level)
+==============  ===============================================  ================  ===  ============
+
+("± 1" = add/remove-one adjacency.)
 
 Why k = 2 for micro-batches and cores: adding example x changes only the unit x is assigned to
 (the assignment is a fixed function of the id, so no other example moves). That unit's
@@ -48,6 +50,11 @@ the usual subsampled-Gaussian accounting applies with σ/2. With m = 1 a micro-b
 example and k = 1 (see :func:`default_sensitivity_factor`). If instead the micro-batches were cut
 by *position* in a shuffled batch, one added example shifts every later boundary and can change
 every unit: the sensitivity is then not bounded by 2C and this accounting does not apply.
+
+Per-core noise as in paxml's ``PercoreClippedDpSgdGradient`` fits this model: each of K cores
+clips its w-scaled mean gradient (w = 1/K) to w·C and adds N(0, (σ·C·w^1.5)²); after the
+cross-core sum the noise std is σ·C/K on the mean of clipped per-core gradients, i.e. σ·C on
+their sum, so its noise_multiplier is σ here (and k = 2 for per-example privacy).
 
 ``q`` is the probability that the protected entity takes part in a step: the example sampling
 rate for ``example``/``microbatch``/``core`` (examples Poisson-sampled, then routed to their fixed
@@ -66,6 +73,7 @@ from typing import Iterable, Sequence
 
 __all__ = [
     "DEFAULT_PLD_DISCRETIZATION",
+    "MAX_STEPS_CAP",
     "METHODS",
     "PrivacyUnit",
     "calibrate",
@@ -83,8 +91,8 @@ DEFAULT_PLD_DISCRETIZATION = 1e-4
 # makes PLD slow).
 MAX_NOISE_MULTIPLIER = 1e4
 MIN_NOISE_MULTIPLIER = 1e-2
-# max_steps() stops searching here and reports this many (it means "practically unlimited").
-MAX_STEPS_CAP = 10**9
+# max_steps() stops searching here and reports this many (it means "at least this many").
+MAX_STEPS_CAP = 10**8
 
 
 class PrivacyUnit(enum.StrEnum):
@@ -114,13 +122,21 @@ class PrivacyUnit(enum.StrEnum):
         return default_sensitivity_factor(self)
 
 
+def _check_unit(unit: str | PrivacyUnit) -> PrivacyUnit:
+    try:
+        return PrivacyUnit(unit)
+    except ValueError:
+        raise ValueError(f"unit must be one of {[u.value for u in PrivacyUnit]}, "
+                         f"got {unit!r}") from None
+
+
 def default_sensitivity_factor(unit: str | PrivacyUnit, group_size: int | None = None) -> float:
     """k for a unit: 1 for ``example`` and ``client``, 2 for ``microbatch``/``core`` (m > 1).
 
     ``group_size`` (examples per micro-batch or per core) of 1 gives k = 1: the unit is then a
     single example.
     """
-    unit = PrivacyUnit(unit)
+    unit = _check_unit(unit)
     if unit in (PrivacyUnit.EXAMPLE, PrivacyUnit.CLIENT):
         return 1.0
     if group_size is not None and int(group_size) == 1:
@@ -317,8 +333,8 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
     k = ``sensitivity_factor``, so k = 2 gives exactly twice the σ of k = 1.
 
     Cost: RDP (cheap) brackets σ first; for PLD a pass on a 10× coarser grid (itself an upper
-    bound) narrows it, then a few evaluations on the fine grid finish. About 1-3 s on one CPU
-    core for typical DP-SGD settings. σ below ``MIN_NOISE_MULTIPLIER`` (1e-2, effective) is not
+    bound) narrows it, then a few evaluations on the fine grid finish. About 1-4 s on one CPU
+    core for typical DP-SGD settings, up to ~10 s when σ < 0.7 (large ε), where PLD is slow. σ below ``MIN_NOISE_MULTIPLIER`` (1e-2, effective) is not
     searched: if it already meets the target, that floor is returned.
 
     Raises ValueError for target_epsilon ≤ 0, δ ∉ (0, 1), q ∉ (0, 1], steps < 1, tol ∉ (0, 1),
@@ -349,8 +365,9 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
             # RDP ε ≥ PLD ε, so the RDP answer is just above the PLD one (typically 3-15 %).
             sigma = _bracket_and_bisect(eps_fn("pld", fine * 10.0), target_epsilon, sigma,
                                         tol, 1.25)
+            # The grids agree to ~0.1 % in σ: usually two fine evaluations settle it.
             sigma = _bracket_and_bisect(eps_fn("pld", fine), target_epsilon, sigma, tol,
-                                        1.0 + 4.0 * tol)
+                                        1.0 + tol)
         elif tol < 1e-2:
             sigma = _bracket_and_bisect(eps_fn("rdp", fine), target_epsilon, sigma, tol,
                                         1.0 + 4.0 * tol)

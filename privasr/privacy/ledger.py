@@ -21,12 +21,14 @@ budget, so the per-step check is an integer comparison.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from privasr.privacy.accountant import (
+    MAX_STEPS_CAP,
     PrivacyUnit,
     _check_delta,
     _check_factor,
@@ -34,6 +36,7 @@ from privasr.privacy.accountant import (
     _check_q,
     _check_sigma,
     _check_steps,
+    _check_unit,
     default_sensitivity_factor,
     epsilon_for_segments,
     max_steps,
@@ -89,7 +92,7 @@ class PrivacyLedger:
     _budget_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.unit = PrivacyUnit(self.unit)
+        self.unit = _check_unit(self.unit)
         self.noise_multiplier = _check_sigma(self.noise_multiplier)
         self.sample_rate = _check_q(self.sample_rate, allow_zero=False)
         self.delta = _check_delta(self.delta)
@@ -185,13 +188,18 @@ class PrivacyLedger:
         return self._budget_cache[key]
 
     def would_exceed(self, n_more_steps: int = 1) -> bool:
-        """Whether ``n_more_steps`` more steps would take ε above the budget (False: no budget)."""
+        """Whether ``n_more_steps`` more steps would take ε above the budget (False: no budget).
+
+        An integer comparison against :meth:`max_total_steps` (no ε computation per step). Also
+        True when the steps already taken exceed the budget (e.g. a budget lowered on resume).
+        """
         n = _check_steps(n_more_steps, minimum=0)
         if self.target_epsilon is None:
             return False
-        if self.epsilon() > self.target_epsilon:  # already over (e.g. a budget lowered on resume)
-            return True
-        return self.steps + n > self.max_total_steps()
+        limit = self.max_total_steps()
+        if self.steps + n > limit and limit >= MAX_STEPS_CAP:  # the search stopped at its cap
+            return self.epsilon_after(n) > self.target_epsilon
+        return self.steps + n > limit
 
     def check_before_step(self, n_more_steps: int = 1) -> None:
         """Raise :class:`PrivacyBudgetExceeded` if the next step(s) would exceed the budget."""
@@ -237,10 +245,8 @@ class PrivacyLedger:
         """
         eps = self.epsilon()
         try:
-            import dp_accounting  # noqa: F401
-            from importlib.metadata import version
-            dp_version = version("dp-accounting")
-        except Exception:  # pragma: no cover - metadata missing
+            dp_version = importlib.metadata.version("dp-accounting")
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
             dp_version = None
         return {
             "format_version": LEDGER_FORMAT_VERSION,
