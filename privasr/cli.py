@@ -63,8 +63,10 @@ def _train(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, a.overrides)
     res = run_training(cfg)
-    print(json.dumps({k: res[k] for k in ("test_wer", "test_cer", "steps", "wall_seconds")},
-                     indent=1))
+    print(json.dumps({k: res[k] for k in ("test_wer", "test_cer", "steps", "wall_seconds",
+                                          "stopped")}, indent=1))
+    if res["privacy"]:
+        print(f"achieved privacy: {res['privacy']['summary']}")
     return 0
 
 

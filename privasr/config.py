@@ -63,6 +63,25 @@ class AugmentConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Per-unit clipping and DP-SGD. An empty ``policy`` means ordinary training: the batch
+    gradient is clipped to ``optim.max_grad_norm``. ``policy`` holds ClipPolicy fields
+    (``privasr.clipping.policy``): unit, bound, clip_norm, scope, noise_multiplier, ..."""
+
+    policy: dict = field(default_factory=dict)
+    engine: str = "vectorized"  # reference | vectorized
+    sampling: str = "bucket"  # bucket (duration-bucketed epochs) | poisson (what DP assumes)
+    expected_batch_size: float = 16.0  # Poisson: q = expected_batch_size / N
+    max_physical: int = 16  # examples per physical batch (memory bound); noise once per step
+    # the ε budget: a step that would exceed it stops training; σ is calibrated so that
+    # optim.max_steps spend it, unless privacy.policy gives noise_multiplier explicitly
+    target_epsilon: float | None = None
+    delta: float | None = None  # default 1/N (N = training utterances)
+    accounting: str = "pld"  # pld | rdp (dp-accounting)
+    secure_noise: bool = False  # noise from os.urandom instead of a seeded generator
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/train"
     seed: int = 0
@@ -74,6 +93,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval_every: int = 250
     ckpt_every: int = 250
     log_every: int = 10

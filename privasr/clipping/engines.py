@@ -211,29 +211,33 @@ def _grads(loss: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 # reference engine
 # ---------------------------------------------------------------------------------------------
-def _clip_one(g: dict[str, Tensor], spec: LayerSpec, c: float
-              ) -> tuple[dict[str, Tensor], float, bool]:
-    """One unit, written as plainly as possible (the ground truth for the vectorized math)."""
+def _unit_norms(g: dict[str, Tensor], spec: LayerSpec) -> tuple[dict[str, float], float]:
+    """(per-tensor L2 norms, total L2 norm) of one unit, in float64."""
     layer = {n: math.sqrt(float(g[n].double().pow(2).sum())) for n in spec.names}
-    total = math.sqrt(sum(v * v for v in layer.values()))
+    return layer, math.sqrt(sum(v * v for v in layer.values()))
+
+
+def _clip_one(g: dict[str, Tensor], layer: dict[str, float], total: float, spec: LayerSpec,
+              c: float) -> tuple[dict[str, Tensor], bool]:
+    """One unit, written as plainly as possible (the ground truth for the vectorized math)."""
     if spec.mode == "global":
         if total > c:
-            return {n: g[n] * (c / total) for n in spec.names}, total, True
-        return dict(g), total, False
+            return {n: g[n] * (c / total) for n in spec.names}, True
+        return dict(g), False
     if spec.mode == "uniform":
         if total < c:
-            return dict(g), total, False
+            return dict(g), False
         target = c / math.sqrt(len(spec.names))
         return {n: (g[n] / (layer[n] + UNIFORM_EPS) * target
                     if layer[n] > UNIFORM_ZERO_RTOL * total else torch.zeros_like(g[n]))
-                for n in spec.names}, total, True
+                for n in spec.names}, True
     out, clipped = {}, False
     for n, cl in zip(spec.names, spec.layer_bounds):
         if layer[n] > cl:
             out[n], clipped = g[n] * (cl / layer[n]), True
         else:
             out[n] = g[n]
-    return out, total, clipped
+    return out, clipped
 
 
 @register_engine
@@ -260,16 +264,16 @@ class ReferenceEngine(Engine):
             loss_sum += float(losses.detach().sum())
             unit_grads.append(_grads(losses.mean(), params))
 
-        norms = [math.sqrt(sum(float(g[n].double().pow(2).sum()) for n in spec.names))
-                 for g in unit_grads]
+        measured = [_unit_norms(g, spec) for g in unit_grads]
+        norms = [total for _, total in measured]
         if policy.bound == "adaptive_min":
             c = min(norms) if norms else math.nan
         else:
             c = policy.clip_norm if clip_norm is None else clip_norm
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         flags = []
-        for g in unit_grads:
-            cg, _, was = _clip_one(g, spec, c)
+        for g, (layer, norm) in zip(unit_grads, measured):
+            cg, was = _clip_one(g, layer, norm, spec, c)
             flags.append(was)
             for n in spec.names:
                 total[n] += cg[n]
@@ -358,7 +362,8 @@ class _UnitClipper:
         names = self.spec.names
         if not names:
             return
-        sq = torch.stack([g[n].flatten(1).pow(2).sum(1) for n in names], dim=1)    # (U, L)
+        sq = torch.stack([torch.linalg.vector_norm(g[n].flatten(1), dim=1) for n in names],
+                         dim=1).square()                                            # (U, L)
         total = sq.sum(1).sqrt()
         self.norms.append(total.detach().double().cpu())
         mode, c = self.spec.mode, self.c

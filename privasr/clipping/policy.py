@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 __all__ = ["ClipPolicy", "PolicyError", "UNITS", "BOUNDS", "SCOPES", "GROUPINGS",

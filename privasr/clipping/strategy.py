@@ -38,11 +38,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from privasr.clipping.engines import Engine, get_engine, trainable_parameters
+from privasr.clipping.engines import Engine, LossFn, get_engine, trainable_parameters
 from privasr.clipping.noise import GaussianNoise
 from privasr.clipping.policy import ClipPolicy
 from privasr.data.dataset import Batch
-from privasr.train.gradient import LossFn
 
 __all__ = ["ClippedGradient"]
 

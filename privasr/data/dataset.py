@@ -42,7 +42,8 @@ def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConf
             return torch.load(path)
     items = [(u, cfg) for u in utts]
     if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
+        # spawn, not fork: forking after torch has started its thread pools can deadlock
+        with mp.get_context("spawn").Pool(workers) as pool:
             feats = list(tqdm(pool.imap(_features_of, items, chunksize=16), total=len(items),
                               desc=desc, disable=not progress))
     else:

@@ -171,7 +171,7 @@ def synthesize_corpus(out_dir: str | Path, cfg: SynthConfig = SynthConfig(), *,
     items = [(u, str(out / "audio" / u.speaker.id / f"{u.id}-{_content_hash(u)}.flac"))
              for u in plan]
     n_samples: dict[str, int] = {}
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock
     with ctx.Pool(workers) as pool:
         it = pool.imap_unordered(_synth_one, items, chunksize=8)
         for uid, n in tqdm(it, total=len(items), desc="synthesising", unit="utt",

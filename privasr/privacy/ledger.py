@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from privasr.train.stop import StopTraining
 from privasr.privacy.accountant import (
     MAX_STEPS_CAP,
     PrivacyUnit,
@@ -47,7 +48,7 @@ __all__ = ["PrivacyBudgetExceeded", "PrivacyLedger"]
 LEDGER_FORMAT_VERSION = 1
 
 
-class PrivacyBudgetExceeded(RuntimeError):
+class PrivacyBudgetExceeded(StopTraining):
     """The next step would spend more ε than the budget allows."""
 
     def __init__(self, message: str, *, epsilon_next: float, budget: float, steps_done: int):

@@ -16,6 +16,7 @@ from privasr.data.synth import SynthConfig, synthesize_corpus
 from privasr.data.tokenizer import CharTokenizer
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters
 from privasr.train.evaluate import evaluate
+from privasr.train.strategies import build_setup
 from privasr.train.trainer import Trainer, set_threads
 
 
@@ -75,7 +76,9 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         raise ValueError(f"no usable training utterances in {paths['train']}")
     model = build_model(cfg, tok.vocab_size)
     vocab = list(tok.symbols)
-    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab)
+    setup = build_setup(cfg, train_ds)
+    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=setup.strategy,
+                      plan=setup.plan)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
     if trainer.resume():
@@ -83,8 +86,19 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     log(f"model {cfg.model.size}: {count_parameters(model):,} parameters; device "
         f"{trainer.device}, {threads} threads; train {len(train_ds)} utts "
         f"({sum(train_ds.durations) / 3600:.2f} h), dev {len(dev_ds)}, test {len(test_ds)}")
+    if setup.policy is not None:
+        log(f"clipping: {setup.policy.to_dict()}")
     res = trainer.fit()
     test = evaluate(trainer.model, test_ds, vocab, device=trainer.device)
+    privacy = None
+    ledger = getattr(trainer.strategy, "ledger", None)
+    if ledger is not None:
+        privacy = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "unit": str(ledger.unit),
+                   "noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
+                   "steps": ledger.steps, "method": ledger.method, "summary": ledger.summary()}
+        log(f"privacy: {ledger.summary()}")
+    elif setup.policy is not None:
+        log("privacy: clipping only (σ = 0): memorization mitigation, no formal DP guarantee")
     results = {
         "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
         "dev": res.dev, "steps": res.steps, "train_wall_seconds": res.wall_seconds,
@@ -94,6 +108,8 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "threads": threads, "device": str(trainer.device),
         "train_utts": len(train_ds), "test_utts": len(test_ds),
         "test_speakers": len({u.speaker for u in test_ds.utts}),
+        "stopped": res.stopped, "privacy": privacy,
+        "clip_policy": setup.policy.to_dict() if setup.policy is not None else None,
     }
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
     return results

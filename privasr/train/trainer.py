@@ -30,6 +30,7 @@ from privasr.train.gradient import BatchClipGradient, GradientStrategy
 from privasr.train.loss import NonFiniteLossError, checked, per_example_ctc
 from privasr.train.metrics_log import MetricsLogger
 from privasr.train.schedule import warmup_cosine
+from privasr.train.stop import StopTraining
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,6 +57,38 @@ class Position:
     batch: int = 0
 
 
+class BucketPlan:
+    """Logical batches of ``grad_accum`` duration-bucketed batches, epoch after epoch."""
+
+    def __init__(self, sampler: DurationBucketSampler, grad_accum: int = 1) -> None:
+        self.sampler, self.grad_accum = sampler, grad_accum
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.sampler.batches(epoch))
+        return self._epoch[1]
+
+    def logical_batch(self, pos: "Position") -> list[list[int]]:
+        out = []
+        for _ in range(self.grad_accum):
+            while pos.batch >= len(self._batches(pos.epoch)):
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+            out.append(self._batches(pos.epoch)[pos.batch])
+            pos.batch += 1
+        return out
+
+
+class PoissonPlan:
+    """Poisson-sampled logical batches (for DP), drawn from the step number alone."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def logical_batch(self, pos: "Position") -> list[list[int]]:
+        return self.sampler.logical_batch(pos.step)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -64,21 +97,21 @@ class TrainResult:
     final_train_loss: float
     dev: dict[str, float] = field(default_factory=dict)
     skipped_nonfinite: int = 0
+    stopped: str | None = None  # why training ended before max_steps, if it did
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_ds: AsrDataset,
                  dev_ds: AsrDataset | None, vocab: list[str], *,
-                 strategy: GradientStrategy | None = None, sampler: Any = None,
-                 extra_state: Callable[[], dict] | None = None) -> None:
+                 strategy: GradientStrategy | None = None, plan: Any = None) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
         self.train_ds, self.dev_ds, self.vocab = train_ds, dev_ds, vocab
         self.strategy = strategy or BatchClipGradient(max_norm=cfg.optim.max_grad_norm)
-        self.sampler = sampler or DurationBucketSampler(
+        self.plan = plan or BucketPlan(DurationBucketSampler(
             train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
-            seed=cfg.seed)
+            seed=cfg.seed), cfg.optim.grad_accum)
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -92,31 +125,17 @@ class Trainer:
         a = cfg.augment
         self.specaug = SpecAugment(a.freq_masks, a.freq_width, a.time_masks,
                                    a.time_width_frac) if a.specaugment else None
-        self.extra_state = extra_state
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "last.pt"
         self.pos = Position()
         self.skipped = 0
         self.audio_seconds = 0.0
         self.log = MetricsLogger(self.out)
-        self._epoch_batches: list[list[int]] | None = None
-
-    # -- data position ---------------------------------------------------------------------
-    def _next_batch(self) -> list[int]:
-        if self._epoch_batches is None:
-            self._epoch_batches = self.sampler.batches(self.pos.epoch)
-        while self.pos.batch >= len(self._epoch_batches):
-            self.pos.epoch += 1
-            self.pos.batch = 0
-            self._epoch_batches = self.sampler.batches(self.pos.epoch)
-        idx = self._epoch_batches[self.pos.batch]
-        self.pos.batch += 1
-        return idx
 
     def _physical_batches(self) -> list[Batch]:
         out = []
-        for k in range(self.cfg.optim.grad_accum):
-            b = self.train_ds.collate(self._next_batch())
+        for k, idx in enumerate(self.plan.logical_batch(self.pos)):
+            b = self.train_ds.collate(idx)
             if self.specaug is not None:
                 g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.pos.step * 64 + k)
                 b.feats = self.specaug(b.feats, b.feat_lens, generator=g)
@@ -137,7 +156,8 @@ class Trainer:
             if hasattr(self.model, "cfg") else None,
             "skipped_nonfinite": self.skipped,
             "audio_seconds": self.audio_seconds,
-            **(self.extra_state() if self.extra_state else {}),
+            # stateful strategies (adaptive bounds, the privacy ledger) travel with the model
+            "strategy": self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None,
         }
 
     def save(self, path: Path | None = None) -> None:
@@ -155,7 +175,8 @@ class Trainer:
         self.pos = Position(**ck["position"])
         self.skipped = ck.get("skipped_nonfinite", 0)
         self.audio_seconds = ck.get("audio_seconds", 0.0)
-        self._epoch_batches = None
+        if ck.get("strategy") is not None and hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(ck["strategy"])
         self.log.truncate_after(self.pos.step)
         return True
 
@@ -185,11 +206,20 @@ class Trainer:
         bar = tqdm(total=cfg.optim.max_steps, initial=self.pos.step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
         t_last = time.time()
+        stopped = None
         while self.pos.step < cfg.optim.max_steps:
+            saved_pos = Position(**vars(self.pos))
             batches = self._physical_batches()
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 stats = self.strategy.fill_grads(self.model, batches, loss_fn)
+            except StopTraining as e:
+                self.pos = saved_pos  # the refused step did not happen
+                self.optimizer.zero_grad(set_to_none=True)
+                stopped = str(e)
+                bar.write(f"stopping at step {self.pos.step}: {e}")
+                self.save()
+                break
             except NonFiniteLossError as e:
                 if cfg.on_nonfinite != "skip":
                     e.add_note(f"at step {self.pos.step}; on_nonfinite=skip skips such steps")
@@ -205,12 +235,14 @@ class Trainer:
             self.pos.step += 1
             secs = sum(b.audio_seconds for b in batches)
             self.audio_seconds += secs
-            window.append((stats["loss"], secs))
-            last_loss = stats["loss"]
+            if math.isfinite(stats["loss"]):  # NaN only for an empty Poisson draw
+                window.append((stats["loss"], secs))
+                last_loss = stats["loss"]
             if self.pos.step % cfg.log_every == 0 or self.pos.step == cfg.optim.max_steps:
                 now = time.time()
                 rate = sum(s for _, s in window) / max(now - t_last, 1e-9)
-                row = {"loss": sum(l for l, _ in window) / len(window),
+                row = {"loss": sum(l for l, _ in window) / max(len(window), 1) if window
+                       else math.nan,
                        "lr": self.scheduler.get_last_lr()[0], "audio_s_per_s": rate,
                        **{k: v for k, v in stats.items() if k != "loss"}}
                 self.log.log("train", self.pos.step, row)
@@ -230,4 +262,4 @@ class Trainer:
         self.log.close()
         return TrainResult(steps=self.pos.step, wall_seconds=time.time() - start,
                            audio_seconds=self.audio_seconds, final_train_loss=last_loss, dev=dev,
-                           skipped_nonfinite=self.skipped)
+                           skipped_nonfinite=self.skipped, stopped=stopped)
