@@ -60,6 +60,9 @@ class AugmentConfig:
     freq_width: int = 15
     time_masks: int = 2
     time_width_frac: float = 0.05
+    # Kaldi-style speed perturbation: extra training copies at these speeds (e.g. [0.9, 1.1]),
+    # features computed once and cached; copies too fast for CTC are dropped and counted
+    speed_perturb: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -106,8 +109,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     try:
         if dataclasses.is_dataclass(tp):
             return from_dict(tp, value, prefix=key + ".")
-        if origin in (tuple, list):
-            return origin(_coerce(t, v, key) for t, v in zip(typing.get_args(tp), value))
+        if origin is tuple:
+            args = typing.get_args(tp)
+            if len(args) != len(value):
+                raise TypeError
+            return tuple(_coerce(t, v, key) for t, v in zip(args, value))
+        if origin is list:
+            (arg,) = typing.get_args(tp)
+            return [_coerce(arg, v, key) for v in value]
         if origin in (typing.Union, types.UnionType):
             return value
         if tp is bool and not isinstance(value, bool):

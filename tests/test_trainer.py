@@ -147,3 +147,22 @@ def test_config_rejects_unknown_keys_and_bad_types():
         load_config("configs/demo.yaml", ["optim.max_steps=abc"])
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.01", "model.size=tiny"])
     assert cfg.optim.lr == 0.01 and cfg.model.size == "tiny"
+
+
+def test_speed_perturbed_copies_are_added_with_scaled_length(tiny_corpus, tmp_path):
+    from privasr.data.manifest import SkipReport
+    from privasr.train.recipe import load_split
+
+    corpus, _, _ = tiny_corpus
+    cfg = load_config("configs/demo.yaml", _overrides(corpus, tmp_path, extra=[
+        "augment.speed_perturb=[0.9, 1.1]"]))
+    assert cfg.augment.speed_perturb == [0.9, 1.1]
+    rep = SkipReport()
+    ds = load_split(corpus / "dev.jsonl", cfg, CharTokenizer(), rep, speeds=[0.9, 1.1])
+    n = len(read_manifest(corpus / "dev.jsonl"))
+    assert len(ds) + rep.total == 3 * n
+    base = {u.id: f.shape[0] for u, f in zip(ds.utts, ds.feats) if "_sp" not in u.id}
+    for u, f in zip(ds.utts, ds.feats):
+        if "_sp" in u.id:
+            orig, speed = u.id.split("_sp")
+            assert abs(f.shape[0] - base[orig] / float(speed)) <= 3

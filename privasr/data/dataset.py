@@ -14,14 +14,14 @@ import torch
 from tqdm import tqdm
 
 from privasr.atomic import atomic_path
-from privasr.data.features import FeatureConfig, fbank
+from privasr.data.features import FeatureConfig, fbank, speed_perturb
 from privasr.data.manifest import SkipReport, Utterance, load_audio
 from privasr.data.tokenizer import CharTokenizer
 
 
 def _features_of(item: tuple[Utterance, FeatureConfig]) -> torch.Tensor:
     utt, cfg = item
-    return torch.from_numpy(fbank(load_audio(utt), cfg)).to(torch.float16)
+    return torch.from_numpy(fbank(speed_perturb(load_audio(utt), cfg.speed), cfg)).to(torch.float16)
 
 
 def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:

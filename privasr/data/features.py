@@ -18,6 +18,7 @@ class FeatureConfig:
     sample_rate: int = 16000
     dither: float = 0.0
     cmvn: str = "utterance"  # "utterance" (mean/var per utterance and bin) or "none"
+    speed: float = 1.0  # speed perturbation factor applied to the audio first
 
 
 def fbank(samples: np.ndarray, cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:

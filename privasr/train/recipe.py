@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from typing import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,15 +42,22 @@ def ensure_corpus(cfg: TrainConfig, log=print) -> None:
 
 
 def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
-               limit: int | None = None) -> AsrDataset:
+               limit: int | None = None, speeds: Sequence[float] = ()) -> AsrDataset:
+    """A manifest's utterances with cached features, plus speed-perturbed copies if asked."""
     utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
     if limit is not None:
         utts = utts[:limit]
     utts = validate(utts, on_error=cfg.data.on_error, report=report)
-    feats = compute_features(utts, FeatureConfig(), cache_dir=path.parent / "feats",
-                             workers=cfg.data.feature_workers, progress=cfg.progress,
-                             desc=f"features {path.name}")
-    return AsrDataset(utts, feats, tok, report=report)
+    all_utts, all_feats = [], []
+    for speed in (1.0, *speeds):
+        feats = compute_features(utts, FeatureConfig(speed=speed), cache_dir=path.parent / "feats",
+                                 workers=cfg.data.feature_workers, progress=cfg.progress,
+                                 desc=f"features {path.name}" + (f" x{speed}" if speed != 1 else ""))
+        all_feats += feats
+        all_utts += utts if speed == 1.0 else [
+            dataclasses.replace(u, id=f"{u.id}_sp{speed}", duration=u.duration / speed)
+            for u in utts]
+    return AsrDataset(all_utts, all_feats, tok, report=report)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> ConformerCTC:
@@ -67,7 +76,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     paths = manifest_paths(cfg)
     tok = CharTokenizer()
     report = SkipReport()
-    train_ds = load_split(paths["train"], cfg, tok, report)
+    train_ds = load_split(paths["train"], cfg, tok, report, speeds=cfg.augment.speed_perturb)
     dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
     test_ds = load_split(paths["test"], cfg, tok, report)
     if report.total:
