@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -451,8 +453,10 @@ def main() -> None:
     info["summary"] = summary
 
     if a.profile and "per_example" in steps:
-        print("profiling the privasr per-example step ...")
+        print("profiling the privasr per-example step (and the non-private one) ...")
         info["profile_per_example"] = profile_per_example(steps["per_example"])
+        if BASELINE in steps:
+            info["profile_nonprivate"] = profile_per_example(steps[BASELINE])
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

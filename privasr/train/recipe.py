@@ -6,7 +6,6 @@ import dataclasses
 import json
 import time
 from typing import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from privasr.atomic import atomic_write_text
