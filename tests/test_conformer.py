@@ -14,13 +14,7 @@ from privasr.models.conformer import (SIZES, ConformerCTC, ConformerConfig, conf
                                       count_parameters)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and don't stall when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> ConformerCTC:

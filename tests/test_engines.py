@@ -23,12 +23,7 @@ from privasr.train.loss import checked, per_example_ctc
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- small models taking variable-length padded inputs ------------------------------------------
