@@ -73,6 +73,8 @@ class PrivacyConfig:
 
     policy: dict = field(default_factory=dict)
     engine: str = "auto"  # auto | bookkeeping | vectorized | reference
+    # examples whose per-example gradients are held at once (memory: chunk × trainable params)
+    engine_chunk: int = 16
     sampling: str = "bucket"  # bucket (duration-bucketed epochs) | poisson (what DP assumes)
     expected_batch_size: float = 16.0  # Poisson: q = expected_batch_size / N
     max_physical: int = 16  # examples per physical batch (memory bound); noise once per step
