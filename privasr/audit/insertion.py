@@ -1,0 +1,49 @@
+"""Mixing inserted canaries (×r) into a training set, and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from privasr.audit.canaries import CanaryError, read_canaries, training_copies
+from privasr.data.dataset import AsrDataset, compute_features, ctc_min_frames, ctc_output_frames
+from privasr.data.features import FeatureConfig
+from privasr.data.manifest import validate
+from privasr.data.tokenizer import CharTokenizer
+
+
+def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokenizer, *,
+                 others: Mapping[str, AsrDataset] = {}, subsampling: int = 4,
+                 feature_workers: int = 1, log=print) -> tuple[AsrDataset, dict]:
+    """A new training set: ``train_ds`` plus every inserted canary r times. Refuses if a
+    canary (or its transcript) is already in the training set or in any of ``others``
+    (dev/test), or if an inserted canary is CTC-infeasible (it would be dropped silently)."""
+    path = Path(canary_path)
+    canaries = read_canaries(path)
+    ids, texts = {c.id for c in canaries}, {c.text for c in canaries}
+    for name, ds in {"train": train_ds, **others}.items():
+        clash = [u.id for u in ds.utts if u.id.split("_rep")[0] in ids or u.text in texts]
+        if clash:
+            raise CanaryError(f"canaries of {path} already appear in the {name} set "
+                              f"({len(clash)} utterance(s), e.g. {clash[0]!r}); canaries must "
+                              f"enter training only through audit.canaries")
+    inserted = validate([c.utt for c in canaries if c.inserted])
+    feats = dict(zip([u.id for u in inserted],
+                     compute_features(inserted, FeatureConfig(), cache_dir=path.parent / "feats",
+                                      workers=feature_workers, progress=False,
+                                      desc="canary features")))
+    bad = [u.id for u in inserted if ctc_output_frames(feats[u.id].shape[0], subsampling)
+           < ctc_min_frames(tok.encode(u.text))]
+    if bad:
+        raise CanaryError(f"{len(bad)} inserted canaries are CTC-infeasible for a "
+                          f"{subsampling}×-subsampled model (e.g. {bad[0]}): remake the canaries "
+                          f"with a lower speed-up factor")
+    copies = training_copies(canaries)
+    ds = AsrDataset(list(train_ds.utts) + copies,
+                    list(train_ds.feats) + [feats[u.id.rsplit("_rep", 1)[0]] for u in copies],
+                    tok, subsampling=subsampling, report=train_ds.report)
+    info = {"canaries": str(path), "n": len(canaries), "inserted": len(inserted),
+            "held_out": len(canaries) - len(inserted), "training_copies": len(copies)}
+    log(f"audit: {info['inserted']} of {info['n']} canaries inserted into training "
+        f"({info['training_copies']} copies); {info['held_out']} held out")
+    return ds, info
