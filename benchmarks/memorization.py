@@ -27,11 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from privasr.atomic import atomic_write_text  # noqa: E402
-from privasr.audit.canaries import CanaryConfig, make_canaries  # noqa: E402
+from privasr.audit.canaries import (CanaryConfig, make_canaries, read_canaries,  # noqa: E402
+                                    speech_rate)
 from privasr.audit.report import write_audit_report  # noqa: E402
 from privasr.audit.run import run_audit  # noqa: E402
 from privasr.config import TrainConfig, apply_overrides, from_dict  # noqa: E402
-from privasr.train.recipe import run_training  # noqa: E402
+from privasr.data.manifest import read_manifest  # noqa: E402
+from privasr.report.html import write_report  # noqa: E402
+from privasr.audit.report import memorization_section  # noqa: E402
+from privasr.train.recipe import ensure_corpus, manifest_paths, run_training  # noqa: E402
 
 
 def rows_for(policy: str, audit: dict, train: dict) -> list[dict]:
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 c["repetitions"] = tuple(c["repetitions"])
             make_canaries(canaries.parent, CanaryConfig(**c))
     confidence = spec.get("audit", {}).get("confidence", 0.95)
+    cfg0 = from_dict(TrainConfig, {**copy.deepcopy(base), "out_dir": str(out_dir / "_probe")})
+    ensure_corpus(cfg0)
+    rates = {"canaries": speech_rate([c.utt for c in read_canaries(canaries)]),
+             "training_corpus": speech_rate(read_manifest(manifest_paths(cfg0)["train"]))}
+    print(f"speech rate (characters/s): {json.dumps(rates)}", flush=True)
     rows, audits, runs = [], {}, {}
     for name in policies:
         d = copy.deepcopy(base)
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                           out=Path(cfg.out_dir) / "audit.json", device=str(train["device"]),
                           confidence=confidence)
         audits[name], runs[name] = audit, train
+        write_report(cfg.out_dir, f"privasr memorization: {name}",
+                     {"Test": [{"test WER": train["test_wer"], "test CER": train["test_cer"],
+                                "steps": train["steps"]}]},
+                     sections=[memorization_section({name: audit})])
         rows += rows_for(name, audit, train)
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     write_audit_report(audits, out_dir / "memorization.html")
     meta = {"command": " ".join(sys.argv), "platform": platform.platform(),
             "config": a.config, "canaries": str(canaries), "overrides": a.overrides,
+            "speech_rate_chars_per_second": rates,
             "runs": {k: {"out_dir": str(out_dir / k), "test_wer": v["test_wer"],
                          "steps": v["steps"]} for k, v in runs.items()}}
     atomic_write_text(Path(a.out).with_suffix(".meta.json"), json.dumps(meta, indent=1))

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from privasr.audit.canaries import (CanaryConfig, CanaryError, choose_factor, make_canaries,
+from privasr.audit.canaries import (AUTO_FACTORS, CanaryConfig, CanaryError, choose_factor, make_canaries,
                                     plan_canaries, read_canaries, training_copies)
 from privasr.audit.speedup import ctc_slack, feature_frames, speed_up
 from privasr.config import load_config
@@ -67,7 +67,7 @@ def test_feasibility_and_auto_factor():
 def test_make_canaries_manifest_and_refusal(tmp_path):
     cfg = CanaryConfig(n=6, words=3, rate=140)
     cs = make_canaries(tmp_path / "c", cfg, vocab=VOCAB, log=lambda *_: None)
-    assert len(cs) == 6 and cs[0].factor in (3.0, 2.5, 2.0, 1.75, 1.5, 1.4, 1.33, 1.25)
+    assert len(cs) == 6 and cs[0].factor in AUTO_FACTORS and cs[0].factor > 1.2
     assert all(ctc_slack(c.text, round(c.utt.duration * 16000)) >= 1 for c in cs)
     back = read_canaries(tmp_path / "c" / "canaries.jsonl")
     assert [(c.id, c.inserted, c.repetitions) for c in back] == \
@@ -75,6 +75,15 @@ def test_make_canaries_manifest_and_refusal(tmp_path):
     assert len(read_manifest(tmp_path / "c" / "canaries.jsonl")) == 6  # an ordinary manifest
     summary = json.loads((tmp_path / "c" / "canaries.json").read_text())
     assert summary["config"]["factor"] == cs[0].factor and summary["infeasible"] == []
+    # auto = the largest grid factor that keeps the margin: the next one up would not
+    bigger = [f for f in AUTO_FACTORS if f > cs[0].factor]
+    if bigger:
+        from privasr.audit.canaries import _speaker
+        from privasr.data.espeak import synthesize
+
+        n1 = [len(synthesize(c.text, _speaker(cfg, 1.0))) for c in cs]
+        assert choose_factor([c.text for c in cs], n1, margin=cfg.margin) == cs[0].factor
+        assert min(ctc_slack(c.text, n) / min(bigger) for c, n in zip(cs, n1)) < cfg.margin
     with pytest.raises(CanaryError, match="CTC-infeasible"):
         make_canaries(tmp_path / "x", CanaryConfig(n=4, words=3, factor=4.0), vocab=VOCAB)
     with warnings.catch_warnings(record=True) as w:

@@ -31,7 +31,7 @@ from privasr.data.manifest import Utterance, read_manifest, write_manifest
 WAMERICAN = Path("/usr/share/dict/american-english")
 REPETITIONS = (1, 2, 4, 8, 16)
 # "auto" factor: the largest of these that leaves every canary ≥ `margin`× the CTC frames it needs
-AUTO_FACTORS = (3.0, 2.5, 2.0, 1.75, 1.5, 1.4, 1.33, 1.25, 1.2, 1.15, 1.1)
+AUTO_FACTORS = (3.0, 2.5, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.33, 1.25, 1.2, 1.15, 1.1)
 
 
 class CanaryError(ValueError):
@@ -174,12 +174,25 @@ def make_canaries(out_dir: str | Path, cfg: CanaryConfig = CanaryConfig(), *,
                               "(or on_infeasible=warn to keep them anyway)")
         warnings.warn(msg + "; training drops them", stacklevel=2)
     write_canaries(out / "canaries.jsonl", canaries)
+    rates = np.array([len(c.text) / c.utt.duration for c in canaries])
+    speed = {f"p{q}": round(float(np.percentile(rates, q)), 2) for q in (1, 50, 99)}
+    log(f"canary speech: {speed['p50']} characters/s (median; p1 {speed['p1']}, p99 "
+        f"{speed['p99']}); canaries faster than the training speech are harder to learn "
+        f"from it (privasr.audit.canaries.speech_rate gives a manifest's)")
     summary = {"config": {**asdict(cfg), "factor": factor}, "n": len(canaries),
+               "characters_per_second": speed,
                "inserted": sum(c.inserted for c in canaries),
                "infeasible": [c for c, _ in infeasible],
                "vocabulary_size": len(vocab)}
     atomic_write_text(out / "canaries.json", json.dumps(summary, indent=1))
     return canaries
+
+
+def speech_rate(utts: Sequence[Utterance]) -> dict[str, float]:
+    """Characters per second of transcripts over audio: median, p99, max."""
+    r = np.array([len(u.text) / u.duration for u in utts])
+    return {"p50": round(float(np.median(r)), 2), "p99": round(float(np.percentile(r, 99)), 2),
+            "max": round(float(r.max()), 2)}
 
 
 def write_canaries(path: Path, canaries: Sequence[Canary]) -> None:
