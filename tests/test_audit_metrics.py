@@ -126,3 +126,30 @@ def test_auc_and_tpr_by_hand():
     assert tpr_at_fpr([5.0, 10.0], [1.0, 7.0]) == 0.5  # < 100 negatives: none allowed
     with pytest.raises(ValueError):
         auc([], [1.0])
+
+
+def test_analyze_tables_by_hand():
+    from privasr.audit.analysis import analyze, format_tables
+    from privasr.audit.scoring import CanaryScore
+
+    def sc(i, ins, r, loss, em):
+        return CanaryScore(f"c{i}", "a b", ins, r, "a b" if em else "x", em, 0.0 if em else 1.0,
+                           loss)
+
+    scores = [sc(0, True, 1, 0.5, False), sc(1, True, 16, 0.1, True), sc(2, True, 16, 0.2, True),
+              sc(3, False, 1, 1.0, False), sc(4, False, 16, 2.0, False),
+              sc(5, False, 16, 3.0, False), sc(6, False, 1, 0.4, False)]
+    res = analyze(scores)
+    r1, r16 = res["by_repetitions"]
+    assert (r1["repetitions"], r1["inserted"], r1["heldout_matched"]) == (1, 1, 2)
+    assert r16["inserted_exact_match"] == 1.0 and r1["inserted_exact_match"] == 0.0
+    assert res["heldout_exact_match"] == 0.0 and res["inserted_exact_match"] == pytest.approx(2 / 3)
+    # exposure vs 4 held-out losses {0.4, 1, 2, 3}: loss 0.5 has rank 2, losses 0.1/0.2 rank 1
+    assert r1["exposure"] == pytest.approx(2 - 1)
+    assert r16["exposure"] == pytest.approx(2.0)
+    assert res["auc"] == pytest.approx(11 / 12)  # 0.5 loses only to 0.4
+    assert res["one_run"]["epsilon"] == one_run_epsilon(
+        [-s.loss for s in scores], [s.inserted for s in scores]).epsilon
+    assert "one-run ε lower bound" in format_tables(res)
+    with pytest.raises(ValueError, match="held out"):
+        analyze([s for s in scores if s.inserted])

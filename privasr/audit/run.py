@@ -45,6 +45,11 @@ def run_audit(ckpt_path: str | Path, canaries_path: str | Path, *, out: str | Pa
                 "claimed_privacy": claim, "seconds": time.time() - t0,
                 "speedup": {"factor": canaries[0].factor, "method": canaries[0].method}})
     log(format_tables(res))
+    if claim and any(c.inserted and c.repetitions > 1 for c in canaries):
+        res["warning"] = ("canaries inserted more than once: a per-example ε claim covers one "
+                          "copy; comparing the audited bound with it needs repetitions=1 "
+                          "(r copies are protected only at group-privacy level r·ε)")
+        log(f"warning: {res['warning']}")
     if claim:
         log(f"claimed: ε = {claim['epsilon']:.3f} at δ = {claim['delta']:.3g} ({claim['unit']}); "
             f"audited lower bound {res['one_run']['epsilon']:.3f}")
