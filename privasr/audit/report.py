@@ -15,25 +15,27 @@ def memorization_figures(results: Mapping[str, dict]) -> dict[str, str]:
     """Base64 PNGs: exact match vs r (one line per policy, held-out dashed) and, per policy,
     CTC-loss histograms of inserted vs held-out canaries."""
     figs = {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (name, res) in enumerate(results.items()):
-        rows = [r for r in res["by_repetitions"] if r["inserted_exact_match"] is not None]
-        line, = ax.plot([r["repetitions"] for r in rows],
-                        [100 * r["inserted_exact_match"] for r in rows], "o-", label=f"{name}")
-        ax.axhline(100 * res["heldout_exact_match"], ls="--", color=line.get_color(), lw=1,
-                   label=f"{name} held-out")
-    ax.set(xscale="log", xlabel="repetitions r in training", ylabel="exact match %",
-           title="Canary exact match: inserted (solid) vs held-out (dashed)")
-    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for metric, ax, label in (("exact_match", axes[0], "exact match %"),
+                              ("cer", axes[1], "CER %")):
+        for name, res in results.items():
+            rows = [r for r in res["by_repetitions"] if r[f"inserted_{metric}"] is not None]
+            line, = ax.plot([r["repetitions"] for r in rows],
+                            [100 * r[f"inserted_{metric}"] for r in rows], "o-", label=name)
+            ax.axhline(100 * res[f"heldout_{metric}"], ls="--", color=line.get_color(), lw=1,
+                       label=f"{name} held-out")
+        ax.set(xscale="log", xlabel="repetitions r in training", ylabel=label, ylim=(-3, 103),
+               title=f"Canary {label.split(' %')[0]}: inserted vs held-out (dashed)")
+        ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     figs["accuracy vs repetitions"] = _png(fig)
     for name, res in results.items():
         fig, ax = plt.subplots(figsize=(6, 3))
         ins = [s["loss"] for s in res["scores"] if s["inserted"]]
         out = [s["loss"] for s in res["scores"] if not s["inserted"]]
         ax.hist([ins, out], bins=20, label=["inserted", "held-out"], alpha=0.8)
-        ax.set(xlabel="CTC loss per label", ylabel="canaries", title=f"{name}: canary scores")
+        ax.set(xlabel="CTC loss per label", ylabel="canaries", title=f"{name}: canary CTC losses")
         ax.legend()
         figs[f"scores {name}"] = _png(fig)
     return figs
