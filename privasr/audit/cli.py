@@ -6,12 +6,20 @@ import argparse
 import json
 
 
+def _factor(s: str) -> float | str:
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--factor must be a number or 'auto', got {s!r}") from None
+
+
 def _make(a: argparse.Namespace) -> int:
     from privasr.audit.canaries import CanaryConfig, make_canaries
 
-    factor = a.factor if a.factor == "auto" else float(a.factor)
     cfg = CanaryConfig(n=a.n, words=a.words, seed=a.seed, voice=a.voice, variant=a.variant,
-                       pitch=a.pitch, rate=a.rate, factor=factor, method=a.method,
+                       pitch=a.pitch, rate=a.rate, factor=a.factor, method=a.method,
                        repetitions=tuple(a.repetitions), subsampling=a.subsampling,
                        margin=a.margin, on_infeasible=a.on_infeasible)
     cs = make_canaries(a.out, cfg)
@@ -44,7 +52,7 @@ def add_audit_parser(sub) -> None:
     m.add_argument("--variant", default="m1", help="espeak-ng voice variant")
     m.add_argument("--pitch", type=int, default=50)
     m.add_argument("--rate", type=int, default=120, help="espeak-ng words/min before speed-up")
-    m.add_argument("--factor", default="auto",
+    m.add_argument("--factor", default="auto", type=_factor,
                    help="speed-up factor, or 'auto': the largest that keeps every canary "
                         "--margin x CTC-feasible at --subsampling")
     m.add_argument("--method", default="resample", choices=("resample", "tempo", "espeak_rate"),
