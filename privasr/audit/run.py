@@ -39,6 +39,7 @@ def run_audit(ckpt_path: str | Path, canaries_path: str | Path, *, out: str | Pa
     model, vocab = load_model(ckpt_path, device=device)
     canaries = read_canaries(canaries_path)
     scores = score_canaries(model, vocab, canaries, device=device,
+                            subsampling=getattr(model, "subsampling", 4),
                             cache_dir=Path(canaries_path).parent / "feats")
     res = analyze(scores, confidence=confidence, delta=delta)
     res.update({"checkpoint": str(ckpt_path), "canaries": str(canaries_path),
