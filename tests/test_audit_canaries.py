@@ -175,3 +175,23 @@ def test_canaries_already_in_dev_are_refused(tiny_corpus, tmp_path, one_thread):
                       [f"audit.canaries={tmp_path / 'leak.jsonl'}"])
     with pytest.raises(CanaryError, match="dev set"):
         run_training(cfg, log=lambda *_: None)
+
+
+def test_infeasible_inserted_canaries_are_left_out_with_a_warning(tiny_corpus, tmp_path):
+    from privasr.audit.insertion import add_canaries
+    from privasr.data.dataset import AsrDataset
+    from privasr.data.tokenizer import CharTokenizer
+
+    cs = make_canaries(tmp_path / "c", CanaryConfig(n=8, words=3, factor=2.8, seed=2,
+                                                    on_infeasible="warn"),
+                       vocab=VOCAB, log=lambda *_: None)
+    tok = CharTokenizer()
+    empty = AsrDataset([], [], tok)
+    with pytest.warns(UserWarning, match="not inserted"):
+        ds, info = add_canaries(empty, tmp_path / "c" / "canaries.jsonl", tok, log=lambda *_: None)
+    feasible = {c.id for c in cs if ctc_slack(c.text, round(c.utt.duration * 16000)) >= 1}
+    assert {c.id in feasible for c in cs if c.inserted} == {True, False}  # a mix at 2.8x
+    assert info["infeasible_not_inserted"] == sum(c.inserted and c.id not in feasible for c in cs)
+    assert {u.id.split("_rep")[0] for u in ds.utts} == {c.id for c in cs
+                                                         if c.inserted and c.id in feasible}
+    assert len(ds) == info["training_copies"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -17,7 +18,8 @@ def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokeniz
                  feature_workers: int = 1, log=print) -> tuple[AsrDataset, dict]:
     """A new training set: ``train_ds`` plus every inserted canary r times. Refuses if a
     canary (or its transcript) is already in the training set or in any of ``others``
-    (dev/test), or if an inserted canary is CTC-infeasible (it would be dropped silently)."""
+    (dev/test). CTC-infeasible inserted canaries (kept by ``make-canaries --on-infeasible
+    warn``) are left out with a warning, as the audit's scoring leaves them out."""
     path = Path(canary_path)
     canaries = read_canaries(path)
     ids, texts = {c.id for c in canaries}, {c.text for c in canaries}
@@ -35,15 +37,16 @@ def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokeniz
     bad = [u.id for u in inserted if ctc_output_frames(feats[u.id].shape[0], subsampling)
            < ctc_min_frames(tok.encode(u.text))]
     if bad:
-        raise CanaryError(f"{len(bad)} inserted canaries are CTC-infeasible for a "
-                          f"{subsampling}×-subsampled model (e.g. {bad[0]}): remake the canaries "
-                          f"with a lower speed-up factor")
-    copies = training_copies(canaries)
+        warnings.warn(f"{len(bad)} inserted canaries are CTC-infeasible for a {subsampling}×-"
+                      f"subsampled model (e.g. {bad[0]}) and are not inserted; remake the "
+                      f"canaries with a lower speed-up factor", stacklevel=2)
+    copies = [u for u in training_copies(canaries) if u.id.rsplit("_rep", 1)[0] not in bad]
     ds = AsrDataset(list(train_ds.utts) + copies,
                     list(train_ds.feats) + [feats[u.id.rsplit("_rep", 1)[0]] for u in copies],
                     tok, subsampling=subsampling, report=train_ds.report)
     info = {"canaries": str(path), "n": len(canaries), "inserted": len(inserted),
-            "held_out": len(canaries) - len(inserted), "training_copies": len(copies)}
+            "held_out": len(canaries) - len(inserted), "training_copies": len(copies),
+            "infeasible_not_inserted": len(bad)}
     log(f"audit: {info['inserted']} of {info['n']} canaries inserted into training "
         f"({info['training_copies']} copies); {info['held_out']} held out")
     return ds, info
