@@ -7,8 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-from privasr.audit.canaries import (AUTO_FACTORS, CanaryConfig, CanaryError, choose_factor, make_canaries,
-                                    plan_canaries, read_canaries, training_copies)
+from privasr.audit.canaries import (AUTO_FACTORS, CanaryConfig, CanaryError, choose_factor,
+                                    make_canaries, plan_canaries, read_canaries,
+                                    training_copies)
 from privasr.audit.speedup import ctc_slack, feature_frames, speed_up
 from privasr.config import load_config
 from privasr.data.manifest import read_manifest
@@ -116,7 +117,6 @@ def canaries(tmp_path_factory):
 
 def test_train_mixes_inserted_canaries_into_training_only(tiny_corpus, canaries, tmp_path,
                                                           one_thread):
-    from privasr.audit.run import run_audit
     from privasr.train.recipe import run_training
     import privasr.train.recipe as recipe
 
@@ -195,3 +195,16 @@ def test_infeasible_inserted_canaries_are_left_out_with_a_warning(tiny_corpus, t
     assert {u.id.split("_rep")[0] for u in ds.utts} == {c.id for c in cs
                                                          if c.inserted and c.id in feasible}
     assert len(ds) == info["training_copies"]
+
+
+def test_vocabulary_is_clean_wordfreq_and_wamerican():
+    import re
+
+    from privasr.audit.blocklist import blocked
+    from privasr.audit.canaries import WAMERICAN, load_vocabulary
+
+    v = load_vocabulary()
+    assert 15000 < len(v) < 17000 and v[0] == "the" and len(set(v)) == len(v)
+    known = set(WAMERICAN.read_text(encoding="utf-8", errors="ignore").split())
+    assert all(re.fullmatch(r"[a-z]{2,}", w) and w in known and not blocked(w) for w in v)
+    assert len(load_vocabulary(1000)) < 1000
