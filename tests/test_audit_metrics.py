@@ -38,8 +38,9 @@ def _ref_get_eps(m, r, v, delta, p):
 def test_exposure_interpolation_by_hand():
     refs = [4.0, 1.0, 3.0, 2.0]
     got = exposure_interpolation([0.5, 2.5, 9.0, 1.0], refs)
-    # ranks 1, 3, 5, 1 (a tie is not "strictly lower"); exposure = log2 4 - log2 rank
-    assert got == pytest.approx([2.0, 2 - math.log2(3), 2 - math.log2(5), 2.0])
+    # ranks 1, 3, 5, 1.5 (a tie counts half); exposure = log2 4 - log2 rank
+    assert got == pytest.approx([2.0, 2 - math.log2(3), 2 - math.log2(5), 2 - math.log2(1.5)])
+    assert exposure_interpolation([7.0], [7.0] * 8)[0] == pytest.approx(3 - math.log2(5))
     with pytest.raises(ValueError, match="reference"):
         exposure_interpolation([1.0], [])
 
@@ -147,6 +148,9 @@ def test_analyze_tables_by_hand():
     # exposure vs 4 held-out losses {0.4, 1, 2, 3}: loss 0.5 has rank 2, losses 0.1/0.2 rank 1
     assert r1["exposure"] == pytest.approx(2 - 1)
     assert r16["exposure"] == pytest.approx(2.0)
+    # by CER: inserted r=16 (CER 0) beat all 4 held-out (CER 1); r=1 ties all 4: rank 3
+    assert r16["exposure_cer"] == pytest.approx(2.0)
+    assert r1["exposure_cer"] == pytest.approx(2 - math.log2(3))
     assert res["auc"] == pytest.approx(11 / 12)  # 0.5 loses only to 0.4
     assert res["one_run"]["epsilon"] == one_run_epsilon(
         [-s.loss for s in scores], [s.inserted for s in scores]).epsilon

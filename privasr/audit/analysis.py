@@ -30,7 +30,8 @@ def _heldout_exposure(losses: np.ndarray) -> float | None:
 def analyze(scores: Sequence[CanaryScore], *, confidence: float = 0.95,
             delta: float = 0.0) -> dict:
     """Summary dict (JSON-able). Exposure ranks by CTC loss (lower = more likely) against the
-    held-out canaries; the one-run audit's membership score is −loss."""
+    held-out canaries (``exposure_cer``: by CER); the one-run audit's membership score is
+    −loss."""
     ins = [s for s in scores if s.inserted]
     out = [s for s in scores if not s.inserted]
     if not ins or not out:
@@ -40,6 +41,8 @@ def analyze(scores: Sequence[CanaryScore], *, confidence: float = 0.95,
     can_extrapolate = ref.size >= 3 and np.ptp(ref) > 0
     exp_i = exposure_interpolation([s.loss for s in ins], ref)
     exp_e = exposure_extrapolation([s.loss for s in ins], ref) if can_extrapolate else None
+    # the same rank with CER as the score (Thakkar's talk notes), coarser: CER ties are common
+    exp_c = exposure_interpolation([s.cer for s in ins], [s.cer for s in out])
     by_r = []
     for r in sorted({s.repetitions for s in scores}):
         sel = [i for i, s in enumerate(ins) if s.repetitions == r]
@@ -55,6 +58,7 @@ def analyze(scores: Sequence[CanaryScore], *, confidence: float = 0.95,
             "heldout_matched_cer": _mean(s.cer for s in held),
             "exposure": _mean(exp_i[i] for i in sel),
             "exposure_extrapolated": _mean(exp_e[i] for i in sel) if exp_e is not None else None,
+            "exposure_cer": _mean(exp_c[i] for i in sel),
         })
     member = -np.array([s.loss for s in scores])
     audit = one_run_epsilon(member, [s.inserted for s in scores], delta=delta,

@@ -36,7 +36,9 @@ def exposure_interpolation(scores: Sequence[float], references: Sequence[float])
     if ref.size == 0:
         raise ValueError("exposure needs at least one held-out reference score")
     s = np.asarray(scores, dtype=np.float64)
-    rank = 1 + np.searchsorted(ref, s, side="left")  # 1 + #refs strictly lower
+    lower = np.searchsorted(ref, s, side="left")
+    equal = np.searchsorted(ref, s, side="right") - lower
+    rank = 1 + lower + 0.5 * equal
     return math.log2(ref.size) - np.log2(rank)
 
 
