@@ -182,9 +182,10 @@ def test_infeasible_inserted_canaries_are_left_out_with_a_warning(tiny_corpus, t
     from privasr.data.dataset import AsrDataset
     from privasr.data.tokenizer import CharTokenizer
 
-    cs = make_canaries(tmp_path / "c", CanaryConfig(n=8, words=3, factor=2.8, seed=2,
-                                                    on_infeasible="warn"),
-                       vocab=VOCAB, log=lambda *_: None)
+    with pytest.warns(UserWarning, match="CTC-infeasible"):
+        cs = make_canaries(tmp_path / "c", CanaryConfig(n=8, words=3, factor=2.8, seed=2,
+                                                        on_infeasible="warn"),
+                           vocab=VOCAB, log=lambda *_: None)
     tok = CharTokenizer()
     empty = AsrDataset([], [], tok)
     with pytest.warns(UserWarning, match="not inserted"):
