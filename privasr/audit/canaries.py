@@ -172,13 +172,12 @@ def make_canaries(out_dir: str | Path, cfg: CanaryConfig = CanaryConfig(), *,
         if cfg.on_infeasible == "refuse":
             raise CanaryError(msg + "; lower the factor, use fewer words or a slower rate "
                               "(or on_infeasible=warn to keep them anyway)")
-        warnings.warn(msg + "; training drops them", stacklevel=2)
+        warnings.warn(msg + "; training and scoring leave them out", stacklevel=2)
     write_canaries(out / "canaries.jsonl", canaries)
-    rates = np.array([len(c.text) / c.utt.duration for c in canaries])
-    speed = {f"p{q}": round(float(np.percentile(rates, q)), 2) for q in (1, 50, 99)}
-    log(f"canary speech: {speed['p50']} characters/s (median; p1 {speed['p1']}, p99 "
-        f"{speed['p99']}); canaries faster than the training speech are harder to learn "
-        f"from it (privasr.audit.canaries.speech_rate gives a manifest's)")
+    speed = speech_rate([c.utt for c in canaries])
+    log(f"canary speech: {speed['p50']} characters/s (median; p99 {speed['p99']}); canaries "
+        f"faster than the training speech are harder to learn from it (speech_rate() of the "
+        f"training manifest tells)")
     summary = {"config": {**asdict(cfg), "factor": factor}, "n": len(canaries),
                "characters_per_second": speed,
                "inserted": sum(c.inserted for c in canaries),
