@@ -1,7 +1,8 @@
 """Reproduce the memorization finding: per clipping policy, train on corpus + canaries, audit.
 
     python benchmarks/memorization.py [--config configs/memorization.yaml]
-        [--policies none per_example per_core] [--steps N] [--out benchmarks/results/memorization.json]
+        [--policies none per_example per_core] [--steps N] [--fresh]
+        [--out benchmarks/results/memorization.json]
         [train overrides key=value ..., e.g. device=cuda bf16=true model.size=tiny]
 
 Makes the canaries once (``<out_dir>/canaries``), trains one run per policy under
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optim.max_steps for every policy")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memorization.json"))
     p.add_argument("--canaries", default=None, help="use this canaries.jsonl instead of making one")
+    p.add_argument("--fresh", action="store_true",
+                   help="overwrite --out; by default rows of other policies already in it are "
+                        "kept (so policies can be run one at a time)")
     p.add_argument("overrides", nargs="*", help="train recipe overrides key=value")
     a = p.parse_args(argv)
     spec = yaml.safe_load(Path(a.config).read_text())
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     rates = {"canaries": speech_rate([c.utt for c in read_canaries(canaries)]),
              "training_corpus": speech_rate(read_manifest(manifest_paths(cfg0)["train"]))}
     print(f"speech rate (characters/s): {json.dumps(rates)}", flush=True)
-    rows, audits, runs = [], {}, {}
+    out = Path(a.out)
+    rows = [] if a.fresh or not out.exists() else [
+        r for r in json.loads(out.read_text()) if r["policy"] not in policies]
+    audits, runs = {}, {}
     for name in policies:
         d = copy.deepcopy(base)
         d["out_dir"] = str(out_dir / name)
@@ -111,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "steps": train["steps"]}]},
                      sections=[memorization_section({name: audit})])
         rows += rows_for(name, audit, train)
-        out = Path(a.out)
+        order = list(spec["policies"])
+        rows.sort(key=lambda r: (order.index(r["policy"]) if r["policy"] in order else 99,
+                                 r["repetitions"]))
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(rows, indent=1))  # after every policy: partial results
-    write_audit_report(audits, out_dir / "memorization.html")
+    # the plots compare every policy audited in out_dir so far, not only this invocation's
+    audits_all = {k: json.loads((out_dir / k / "audit.json").read_text())
+                  for k in spec["policies"] if (out_dir / k / "audit.json").exists()}
+    write_audit_report(audits_all, out_dir / "memorization.html")
     meta = {"command": " ".join(sys.argv), "platform": platform.platform(),
             "config": a.config, "canaries": str(canaries), "overrides": a.overrides,
             "speech_rate_chars_per_second": rates,
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(Path(a.out).with_suffix(".meta.json"), json.dumps(meta, indent=1))
     print(f"{'policy':<12} {'r':>3} {'ins EM':>7} {'held EM':>7} {'exposure':>8} {'ε lb':>6} "
           f"{'test WER':>8}")
-    for r in rows:
+    for r in [r for r in rows if r["policy"] in policies]:
         em = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         ex = "-" if r["exposure"] is None else f"{r['exposure']:.2f}"
         print(f"{r['policy']:<12} {r['repetitions']:>3} {em(r['inserted_exact_match']):>7} "

@@ -17,11 +17,11 @@ def test_memorization_driver_writes_rows_per_policy_and_repetition(tiny_corpus, 
     mem = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mem)
     out = tmp_path / "memorization.json"
-    assert mem.main(["--steps", "2", "--out", str(out), f"out_dir={tmp_path / 'runs'}",
-                     f"data.corpus_dir={corpus}", "model.size=tiny", "threads=1",
-                     "progress=false", "eval_every=1000", "optim.warmup_steps=1",
-                     "data.max_dev_utts=5", "batch.max_seconds=30",
-                     "data.feature_workers=1"]) == 0
+    common = ["--out", str(out), f"out_dir={tmp_path / 'runs'}",
+              f"data.corpus_dir={corpus}", "model.size=tiny", "threads=1",
+              "progress=false", "eval_every=1000", "optim.warmup_steps=1",
+              "data.max_dev_utts=5", "batch.max_seconds=30", "data.feature_workers=1"]
+    assert mem.main(["--steps", "2", *common]) == 0
     rows = json.loads(out.read_text())
     assert {(r["policy"], r["repetitions"]) for r in rows} == {
         (p, r) for p in ("none", "per_example", "per_core") for r in (1, 2, 4, 8, 16)}
@@ -32,3 +32,11 @@ def test_memorization_driver_writes_rows_per_policy_and_repetition(tiny_corpus, 
         assert r["steps"] == 2 and 0 <= r["epsilon_lower_bound"]
     assert (tmp_path / "runs" / "memorization.html").exists()
     assert "Memorization audit" in (tmp_path / "runs" / "per_core" / "report.html").read_text()
+
+    # one policy again (longer): its rows are replaced, the others' kept
+    assert mem.main(["--steps", "3", "--policies", "none", *common]) == 0
+    again = json.loads(out.read_text())
+    assert [(r["policy"], r["repetitions"]) for r in again] == \
+        [(r["policy"], r["repetitions"]) for r in rows]
+    assert {r["steps"] for r in again if r["policy"] == "none"} == {3}
+    assert {r["steps"] for r in again if r["policy"] != "none"} == {2}
