@@ -1,4 +1,5 @@
-"""The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe."""
+"""The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe |
+audit {make-canaries,run}."""
 
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("checkpoint")
     tr.add_argument("audio", nargs="+")
     tr.set_defaults(fn=_transcribe)
+
+    from privasr.audit.cli import add_audit_parser
+    add_audit_parser(sub)
     return p
 
 

@@ -87,6 +87,13 @@ class PrivacyConfig:
 
 
 @dataclass
+class AuditConfig:
+    # canary manifest from `privasr audit make-canaries`: its inserted canaries join the
+    # training set (each r times); held-out ones and dev/test never see them
+    canaries: str = ""
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/train"
     seed: int = 0
@@ -99,6 +106,7 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     eval_every: int = 250
     ckpt_every: int = 250
     log_every: int = 10

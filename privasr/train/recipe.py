@@ -78,6 +78,11 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     train_ds = load_split(paths["train"], cfg, tok, report, speeds=cfg.augment.speed_perturb)
     dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
     test_ds = load_split(paths["test"], cfg, tok, report)
+    canary_info = None
+    if cfg.audit.canaries:  # memorization audit: inserted canaries (×r) join training only
+        from privasr.audit.insertion import add_canaries
+        train_ds, canary_info = add_canaries(train_ds, cfg.audit.canaries, tok,
+                                             others={"dev": dev_ds, "test": test_ds}, log=log)
     if report.total:
         log(f"data: {report.summary()}")
     if len(train_ds) == 0:
@@ -118,6 +123,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "test_speakers": len({u.speaker for u in test_ds.utts}),
         "stopped": res.stopped, "privacy": privacy,
         "clip_policy": setup.policy.to_dict() if setup.policy is not None else None,
+        "canaries": canary_info,
     }
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
     return results
