@@ -232,3 +232,116 @@ def test_rebuild_restores_a_peft_checkpoint():
     b = _batch()
     torch.testing.assert_close(dst.eval()(b.feats, b.feat_lens)[0],
                                src.eval()(b.feats, b.feat_lens)[0])
+
+
+# -- the public/private split ---------------------------------------------------------------------
+def test_public_private_split_is_disjoint_and_shifted():
+    from privasr.data.domains import DOMAINS, domain_config
+    from privasr.data.synth import plan_corpus
+
+    pub = plan_corpus(domain_config("public", hours=0.3, speakers=40))
+    prv = plan_corpus(domain_config("private", hours=0.3, speakers=40))
+    spk = {name: {u.speaker for u in plan} for name, plan in (("pub", pub), ("prv", prv))}
+    assert not {(s.voice, s.variant, s.pitch, s.rate) for s in spk["pub"]} & \
+        {(s.voice, s.variant, s.pitch, s.rate) for s in spk["prv"]}
+    assert not {s.id for s in spk["pub"]} & {s.id for s in spk["prv"]}
+    assert {s.voice for s in spk["pub"]} <= set(DOMAINS["public"]["voices"])
+    assert {s.voice for s in spk["prv"]} <= set(DOMAINS["private"]["voices"])
+    assert not {s.voice for s in spk["pub"]} & {s.voice for s in spk["prv"]}
+    assert max(s.rate for s in spk["pub"]) <= 155 <= min(s.rate for s in spk["prv"])
+    assert not {u.text for u in pub} & {u.text for u in prv}          # KJV vs Devil's Dictionary
+    for plan in (pub, prv):                       # and each side split by speaker as usual
+        by = {s: {u.speaker.id for u in plan if u.split == s} for s in ("train", "dev", "test")}
+        assert by["test"] and not by["test"] & by["train"] and not by["dev"] & by["train"]
+    with pytest.raises(ValueError, match="unknown corpus domain"):
+        domain_config("secret", hours=1, speakers=10)
+
+
+# -- the recipe: privasr train ... init=CKPT peft=lora -------------------------------------------
+def test_recipe_pretrain_then_dp_lora_finetune(tiny_corpus, tmp_path):
+    from privasr.config import load_config
+    from privasr.inference import load_model
+    from privasr.train.recipe import run_training
+    from test_trainer import _overrides
+
+    corpus, _, _ = tiny_corpus
+    quiet = dict(log=lambda *_: None)
+    pre = run_training(load_config("configs/pretrain.yaml", _overrides(
+        corpus, tmp_path / "pre", steps=2) + ['data.synth_domain=""']), **quiet)
+    assert pre["peft"] is None
+    ckpt = tmp_path / "pre" / "last.pt"
+    cfg = load_config("configs/dp_finetune.yaml", _overrides(corpus, tmp_path / "ft", steps=2) + [
+        'data.synth_domain=""', f"init={ckpt}", "peft=lora", "finetune.lora_rank=2",
+        "privacy.expected_batch_size=4", "privacy.max_physical=4", "optim.lr=0.05",
+        "privacy.accounting=rdp"])   # RDP: calibration in milliseconds
+    res = run_training(cfg, **quiet)
+    assert res["privacy"]["epsilon"] <= 10 and res["steps"] == 2
+    assert res["trainable_params"] == L * 2 * (4 * (D + D) + 2 * (D + FF) + 2 * (FF + D)) + HEAD
+    assert res["peft"]["new_head"] and res["step_seconds"] > 0
+    pre_w = torch.load(ckpt, weights_only=False)["model"]
+    ft_w = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    for k, v in pre_w.items():                 # frozen encoder: bit-identical after DP steps
+        if k.startswith("encoder."):
+            assert torch.equal(ft_w[k], v), k
+    assert not torch.equal(ft_w["ctc_head.weight"], pre_w["ctc_head.weight"])
+    assert any(ft_w[k].abs().sum() > 0 for k in ft_w if k.endswith("lora_B.weight"))
+    peft_model, _ = load_model(tmp_path / "ft" / "last.pt")      # rebuilds the LoRA modules
+    merged, _ = load_model(res["peft"]["merged_checkpoint"])     # the plain architecture
+    assert not any("lora" in k for k in merged.state_dict())
+    b = _batch()
+    torch.testing.assert_close(merged(b.feats, b.feat_lens)[0],
+                               peft_model(b.feats, b.feat_lens)[0], rtol=1e-5, atol=1e-5)
+    bad = load_config("configs/dp_finetune.yaml", _overrides(corpus, tmp_path / "x", steps=1) + [
+        'data.synth_domain=""', f"init={ckpt}", "peft=prompt"])
+    with pytest.raises(ValueError, match="valid methods"):
+        run_training(bad, **quiet)
+
+
+# -- the experiment driver --------------------------------------------------------------------------
+def _row(method, eps, wer, secs):
+    return {"method": method, "epsilon": eps, "test_wer": wer, "step_seconds": secs}
+
+
+def test_summary_compares_best_dp_peft_with_nonprivate_and_dp_full():
+    from privasr.peft.experiment import summarize
+
+    rows = [_row("zero_shot", None, 0.9, None), _row("full", None, 0.2, 1.0),
+            _row("full", 10.0, 0.3, 4.0), _row("lora", 10.0, 0.25, 1.0),
+            _row("bitfit", 10.0, 0.28, 2.0), _row("lora", 1.0, 0.1, 1.0)]
+    s = summarize(rows, 1.3)
+    assert s["best_dp_peft"] == "lora" and s["epsilon"] == 10.0      # ε=1's 0.1 is not at max ε
+    assert s["wer_ratio_to_nonprivate_full"] == pytest.approx(1.25) and s["target_met"]
+    assert s["step_seconds_ratio_to_dp_full"] == {"lora": 0.25, "bitfit": 0.5}
+    assert s["zero_shot_wer"] == 0.9
+    assert not summarize(rows[:2] + [_row("adapters", 10.0, 0.3, 1.0)], 1.3)["target_met"]
+
+
+@pytest.mark.slow
+def test_dp_peft_experiment_end_to_end_tiny(tiny_corpus, tmp_path):
+    from privasr.peft.experiment import DpPeftConfig, run_experiment
+    from test_trainer import _overrides
+
+    corpus, _, _ = tiny_corpus
+    tiny = [o for o in _overrides(corpus, "unused", steps=2) if not o.startswith("out_dir=")]
+    tiny += ['data.synth_domain=""']
+    cfg = DpPeftConfig(out_dir=str(tmp_path / "x"), results=str(tmp_path / "dp_peft.json"),
+                       methods=["full", "lora"], epsilons=[10.0], device="cpu",
+                       pretrain_steps=2, finetune_steps=2, pretrain_overrides=tiny,
+                       finetune_overrides=tiny + ["privacy.expected_batch_size=4",
+                                                  "privacy.accounting=rdp"])
+    rows = run_experiment(cfg, log=lambda *_: None)
+    assert [(r["method"], r["epsilon"]) for r in rows] == [
+        ("zero_shot", None), ("full", None), ("full", 10.0), ("lora", 10.0)]
+    import json
+    saved = json.loads((tmp_path / "dp_peft.json").read_text())
+    assert saved == json.loads(json.dumps(rows))
+    for r in saved:
+        assert {"method", "epsilon", "delta", "test_wer", "test_cer", "trainable_params",
+                "step_seconds"} <= set(r)
+    n = rows[-1]["n_private"]
+    assert rows[-1]["delta"] == pytest.approx(1 / n) and rows[-1]["achieved_epsilon"] <= 10
+    assert rows[-1]["trainable_params"] < rows[-2]["trainable_params"] == rows[1]["trainable_params"]
+    html = (tmp_path / "x" / "report.html").read_text()
+    assert "WER vs ε" in html and "data:image/png;base64" in html
+    again = run_experiment(cfg, log=lambda *_: None)       # finished runs are reused, not redone
+    assert [r["test_wer"] for r in again] == [r["test_wer"] for r in rows]
