@@ -29,10 +29,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from interleave import interleave, summarize  # noqa: E402
 from train_throughput import make_batch  # noqa: E402
 
 from privasr.clipping.policy import ClipPolicy  # noqa: E402
@@ -197,36 +196,9 @@ def main() -> None:
               flush=True)
     info["variants"] = variants
     names = list(steps)
+    print(f"warm-up ({a.warmup} steps each), then {a.rounds} interleaved rounds ...")
 
-    def timed(v: str) -> tuple[float, float]:
-        _sync(dev)
-        w, c = time.perf_counter(), time.process_time()
-        steps[v]()
-        _sync(dev)
-        return time.perf_counter() - w, time.process_time() - c
-
-    for v in names:
-        for _ in range(a.warmup):
-            timed(v)
-    raw = {v: {"wall_s": [], "cpu_s": []} for v in names}
-    for r in range(a.rounds):
-        for v in names:
-            w, c = timed(v)
-            raw[v]["wall_s"].append(w)
-            raw[v]["cpu_s"].append(c)
-        print(f"  round {r + 1}/{a.rounds}: " +
-              "  ".join(f"{v} {raw[v]['wall_s'][-1]:.3f}s" for v in names), flush=True)
-    res = {v: {"raw_wall_s": raw[v]["wall_s"], "raw_cpu_s": raw[v]["cpu_s"],
-               "median_wall_s": statistics.median(raw[v]["wall_s"]),
-               "median_cpu_s": statistics.median(raw[v]["cpu_s"])} for v in names}
-    if BASELINE in res:
-        b = raw[BASELINE]
-        for v in names:
-            for k in ("wall_s", "cpu_s"):
-                res[v][f"median_round_ratio_{k}_to_{BASELINE}"] = statistics.median(
-                    x / y for x, y in zip(raw[v][k], b[k]))
-                res[v][f"ratio_of_medians_{k}_to_{BASELINE}"] = (
-                    res[v][f"median_{k}"] / res[BASELINE][f"median_{k}"])
+    res = summarize(interleave(steps, a.rounds, a.warmup, sync=lambda: _sync(dev)), BASELINE)
     info["results"] = res
     if not a.no_memory:
         info["memory"] = measure_memory(a, names)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 from typing import Any
 
-from privasr.atomic import atomic_write_text
-from privasr.report.html import _png, _table, plt
+from privasr.report.html import _png, plt, write_report
 
 __all__ = ["wer_vs_epsilon_figure", "write_peft_report"]
 
 COLUMNS = ("method", "epsilon", "delta", "test_wer", "test_cer", "trainable_params",
            "step_seconds", "noise_multiplier", "steps", "lr")
+NOTES = ("Pre-trained on the public side of the split, fine-tuned on the private side (new "
+         "speakers, accents, speaking rate and text domain); greedy WER on the private test "
+         "speakers. ε per example at δ = 1/N_private (null: non-private). step_seconds is the "
+         "median time of the gradient step (per-example gradients, clipping, noise).")
 
 
 def wer_vs_epsilon_figure(rows: list[dict[str, Any]]) -> str | None:
@@ -44,23 +45,9 @@ def wer_vs_epsilon_figure(rows: list[dict[str, Any]]) -> str | None:
 
 def write_peft_report(out_dir: str | Path, rows: list[dict[str, Any]],
                       summary: dict[str, Any]) -> Path:
-    out = Path(out_dir)
-    table = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    """``out_dir/report.html``: the results table, the summary and the WER-vs-ε plot."""
     fig = wer_vs_epsilon_figure(rows)
-    parts = ["<h1>DP parameter-efficient fine-tuning</h1>",
-             "<p>Pre-trained on the public side of the split, fine-tuned on the private side "
-             "(new speakers, accents, speaking rate and text domain); WER on the private test "
-             "speakers. ε per example at δ = 1/N_private; step_seconds is the median time of "
-             "the gradient step (per-example gradients, clipping, noise).</p>",
-             f"<h2>Results</h2>{_table(table)}"]
-    if fig:
-        parts.append(f'<h2>WER vs ε</h2><img alt="WER vs epsilon" '
-                     f'src="data:image/png;base64,{fig}">')
-    parts.append(f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>")
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>DP-PEFT</title>"
-           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    path = out / "report.html"
-    atomic_write_text(path, doc)
-    return path
+    return write_report(out_dir, "DP parameter-efficient fine-tuning",
+                        {"Results": [{c: r.get(c) for c in COLUMNS} for r in rows],
+                         "Summary": [summary] if summary else []},
+                        notes=NOTES, figures={"WER vs ε": fig} if fig else None)
