@@ -345,3 +345,14 @@ def test_dp_peft_experiment_end_to_end_tiny(tiny_corpus, tmp_path):
     assert "WER vs ε" in html and "data:image/png;base64" in html
     again = run_experiment(cfg, log=lambda *_: None)       # finished runs are reused, not redone
     assert [r["test_wer"] for r in again] == [r["test_wer"] for r in rows]
+
+
+def test_step_seconds_come_from_the_logged_steps(tmp_path):
+    from privasr.peft.experiment import step_seconds
+    from privasr.train.metrics_log import MetricsLogger
+
+    assert step_seconds(tmp_path / "none", 1.5) == 1.5
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step, secs in ((10, 3.0), (20, 1.0), (30, 2.0)):
+        log.log("train", step, {"loss": 1.0, "step_seconds": secs})
+    assert step_seconds(tmp_path, None) == 2.0

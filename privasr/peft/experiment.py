@@ -16,6 +16,8 @@ non-private), delta, test_wer, test_cer, trainable_params, step_seconds, ...) an
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,11 +98,24 @@ def _zero_shot(ckpt: Path, finetune: str, overrides: list[str]) -> dict[str, Any
     return evaluate(model, test, vocab, device=device)
 
 
+def step_seconds(run_dir: str | Path, fallback: float | None) -> float | None:
+    """Median gradient-step time logged in the run's train.csv (every ``log_every`` steps, so
+    it spans a resumed run's earlier processes too); ``fallback`` when nothing was logged."""
+    from privasr.train.metrics_log import MetricsLogger
+
+    if not (Path(run_dir) / "train.csv").exists():
+        return fallback
+    rows = MetricsLogger(run_dir, tensorboard=False).read("train")
+    secs = [v for r in rows if (v := r.get("step_seconds")) is not None and math.isfinite(v)]
+    return statistics.median(secs) if secs else fallback
+
+
 def _row(method: str, res: dict[str, Any], lr: float | None, run_dir: str) -> dict[str, Any]:
     p = res.get("privacy") or {}
     return {"method": method, "epsilon": None, "delta": p.get("delta"),
             "test_wer": res["test_wer"], "test_cer": res["test_cer"],
-            "trainable_params": res["trainable_params"], "step_seconds": res["step_seconds"],
+            "trainable_params": res["trainable_params"],
+            "step_seconds": step_seconds(run_dir, res.get("step_seconds")),
             "achieved_epsilon": p.get("epsilon"), "noise_multiplier": p.get("noise_multiplier"),
             "sample_rate": p.get("sample_rate"), "steps": res["steps"], "lr": lr,
             "n_private": res["train_utts"], "test_utts": res["test_utts"],
@@ -196,7 +211,7 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
             row["epsilon"] = float(eps)
             rows.append(row)
             log(f"{method} ε={eps:g}: WER {row['test_wer']:.3f}, "
-                f"{row['trainable_params']:,} trainable, {row['step_seconds']:.3f} s/step")
+                f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
             save()
     save()
     return rows
