@@ -36,8 +36,13 @@ def _check_method(method: str) -> None:
 
 def load_pretrained(model: nn.Module, path: str, *, keep_head: bool = False) -> dict[str, Any]:
     """Copy the encoder (and, with ``keep_head``, the CTC head) of checkpoint ``path``."""
+    from pathlib import Path
+
     from privasr.train.checkpoint import load_checkpoint
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init={path}: no such checkpoint (pre-train first, e.g. "
+                                f"`privasr train configs/pretrain.yaml`)")
     ck = load_checkpoint(path)
     state = ck.get("model")
     if not isinstance(state, dict):
