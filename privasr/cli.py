@@ -17,6 +17,10 @@ def _corpus_synth(a: argparse.Namespace) -> int:
 
     t = time.time()
     cfg = SynthConfig(hours=a.hours, seed=a.seed, speakers=a.speakers)
+    if a.domain:
+        from privasr.data.domains import domain_config
+
+        cfg = domain_config(a.domain, hours=a.hours, speakers=a.speakers, seed=a.seed)
     summary = synthesize_corpus(a.out, cfg, workers=a.workers, force=a.force)
     wall = time.time() - t
     audio = sum(summary["hours"].values()) * 3600
@@ -94,6 +98,12 @@ def _transcribe(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dp_peft(a: argparse.Namespace) -> int:
+    from privasr.peft.experiment import main as experiment
+
+    return experiment([a.config, *a.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privasr", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--force", action="store_true", help="rebuild over a corpus with other settings")
+    s.add_argument("--domain", choices=("public", "private"),
+                   help="a side of the public/private split (privasr.data.domains)")
     s.set_defaults(fn=_corpus_synth)
     st = cs.add_parser("stats", help="hours, utterances, speakers, vocabulary of manifests")
     st.add_argument("manifests", nargs="+")
@@ -127,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help=f"recipe YAML (see {CONFIG_DIR})")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=_train)
+
+    dp = sub.add_parser("dp-peft", help="DP fine-tuning experiment: WER x ε x PEFT method")
+    dp.add_argument("config", help="experiment YAML, e.g. configs/dp_peft.yaml")
+    dp.add_argument("overrides", nargs="*", help="key=value, e.g. device=cuda finetune_steps=300")
+    dp.set_defaults(fn=_dp_peft)
 
     e = sub.add_parser("eval", help="WER/CER of a checkpoint on a manifest")
     e.add_argument("checkpoint")

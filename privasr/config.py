@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from privasr.peft.config import FinetuneConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
@@ -27,6 +29,7 @@ class DataConfig:
     max_dev_utts: int = 200
     on_error: str = "raise"  # or "skip" (bad utterances counted and reported)
     feature_workers: int = 2
+    synth_domain: str = ""  # "public" | "private": a side of privasr.data.domains' split
 
 
 @dataclass
@@ -107,6 +110,11 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # fine-tuning: init=CKPT loads a pre-trained encoder (new CTC head); peft=METHOD picks
+    # what is trained: none | full | head | bitfit | lora | rp | adapters (privasr.peft)
+    init: str = ""
+    peft: str = "none"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_every: int = 250
     ckpt_every: int = 250
     log_every: int = 10

@@ -66,11 +66,13 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[str, Any]]],
-                 notes: str = "", sections: list[str] = ()) -> Path:
-    """Write ``run_dir/report.html`` with the given tables, the run's curves, and extra HTML
-    ``sections`` (e.g. ``privasr.audit.report.memorization_section``)."""
+                 notes: str = "", sections: list[str] = (),
+                 figures: dict[str, str] | None = None) -> Path:
+    """Write ``run_dir/report.html`` with the given tables, the run's curves, ``figures``
+    (title -> base64 PNG) and extra HTML ``sections`` (e.g.
+    ``privasr.audit.report.memorization_section``)."""
     run_dir = Path(run_dir)
-    figs = training_figures(run_dir)
+    figs = {**training_figures(run_dir), **(figures or {})}
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
