@@ -161,9 +161,12 @@ server_app = make_server_app()
 
 def run_simulation_fl(cfg: FLConfig, log: Callable[[str], Any] = print) -> dict:
     """Run ``cfg`` in Flower's Simulation Runtime (Ray backend) on this machine."""
+    import logging
     from pathlib import Path
 
     from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.INFO)  # a previous run may have left DEBUG on
 
     out = Path(cfg.out_dir)
     flower_env(out / "flwr_home")
