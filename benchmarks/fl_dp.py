@@ -53,7 +53,8 @@ def parse_variants(spec: str) -> list[tuple[str, str, float]]:
     return out
 
 
-def split_speakers(train: Path, out: Path, fraction: float, seed: int) -> tuple[Path, Path, int, int]:
+def split_speakers(train: Path, out: Path, fraction: float, seed: int
+                   ) -> tuple[Path, Path, int, int]:
     """Seed speakers (a seeded random fraction) and FL speakers, as two manifests."""
     import numpy as np
 

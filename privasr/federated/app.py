@@ -22,12 +22,14 @@ from privasr.federated.env import flower_env
 flower_env()
 
 import torch  # noqa: E402  (ArrayRecord's torch helpers need torch imported)
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message,  # noqa: E402
+                      MetricRecord, RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from privasr.config import from_dict, to_dict  # noqa: E402
-from privasr.federated.client import local_update, speakers_of  # noqa: E402
+from privasr.federated.client import (local_update, speakers_of,  # noqa: E402
+                                      warm_feature_cache)
 from privasr.federated.config import FLConfig, load_fl_config  # noqa: E402
 from privasr.federated.server import FLServer, run_rounds  # noqa: E402
 from privasr.train.recipe import manifest_paths  # noqa: E402
@@ -102,7 +104,8 @@ def _speaker_nodes(grid: Grid, server: FLServer, recipe: str, log) -> dict[str, 
     mapping: dict[str, int] = {}
     for rep in grid.send_and_receive(msgs, timeout=120.0):
         if rep.has_error():
-            log(f"node {rep.metadata.src_node_id} did not say its speaker: {rep.error.reason[:200]}")
+            log(f"node {rep.metadata.src_node_id} did not say its speaker: "
+                f"{rep.error.reason[:200]}")
             continue
         mapping[str(rep.content["config"]["speaker"])] = rep.metadata.src_node_id
     missing = len(set(server.speakers) - set(mapping))
@@ -171,6 +174,7 @@ def run_simulation_fl(cfg: FLConfig, log: Callable[[str], Any] = print) -> dict:
     out = Path(cfg.out_dir)
     flower_env(out / "flwr_home")
     population = len(speakers_of(manifest_paths(cfg)["train"]))
+    warm_feature_cache(cfg)
     sim = cfg.simulation
     results: dict = {}
 

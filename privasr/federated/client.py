@@ -24,7 +24,7 @@ from privasr.train.recipe import build_model, load_split, manifest_paths
 from privasr.train.schedule import warmup_cosine
 from privasr.train.trainer import BucketPlan, Trainer
 
-__all__ = ["speakers_of", "speaker_dataset", "local_update", "LocalResult"]
+__all__ = ["speakers_of", "speaker_dataset", "local_update", "LocalResult", "warm_feature_cache"]
 
 _CACHE: dict[tuple, dict[str, AsrDataset]] = {}
 
@@ -52,6 +52,14 @@ def speaker_dataset(cfg: FLConfig, speaker: str) -> AsrDataset:
     if ds is None or len(ds) == 0:
         raise ValueError(f"speaker {speaker!r} has no usable utterances in {path}")
     return ds
+
+
+def warm_feature_cache(cfg: FLConfig) -> int:
+    """Compute (or check) the training features once, before clients start in parallel."""
+    speaker_dataset(cfg, speakers_of(manifest_paths(cfg)["train"])[0])
+    n = sum(len(ds) for ds in next(iter(_CACHE.values())).values())
+    _CACHE.clear()  # the clients load their own copy; the server does not need it
+    return n
 
 
 @dataclass

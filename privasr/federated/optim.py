@@ -70,7 +70,7 @@ def build_server_optimizer(name: str, params: list[nn.Parameter], *, lr: float,
 
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer,
                  update: Mapping[str, Tensor]) -> None:
-    """One server step: ``.grad`` = −Δ̄ for every tensor in ``update``, then ``optimizer.step()``."""
+    """One server step: ``.grad`` = −Δ̄ for each tensor of ``update``, then ``optimizer.step()``."""
     params = dict(model.named_parameters())
     optimizer.zero_grad(set_to_none=True)
     for n, u in update.items():
