@@ -237,3 +237,11 @@ def test_two_round_simulation_with_failing_and_timed_out_clients(tiny_corpus, tm
     ck = load_checkpoint(tmp_path / "b" / "server.pt")
     for k, v in init.state_dict().items():
         assert torch.equal(ck["model"][k], v), k
+
+
+def test_cli_fl_rejects_a_bad_recipe_with_a_message(capsys):
+    from privasr.cli import main
+
+    assert main(["fl", "configs/fl_dp.yaml", "server.optimizer=sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "server.optimizer='sgd'" in err and "lamb" in err
