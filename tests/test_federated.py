@@ -73,7 +73,6 @@ def test_aggregate_matches_hand_computation(clipping):
 
 
 def test_aggregate_noise_is_sigma_times_total_bound_over_expected_cohort():
-    clipper = DeltaClipper(clip_policy("global", 2.0, None), list(SHAPES))
     big = {"w": torch.Size([200_000])}
     clipper = DeltaClipper(clip_policy("global", 2.0, None), ["w"])
     agg = aggregate([], clipper, noise_multiplier=0.5, expected_cohort=4.0,

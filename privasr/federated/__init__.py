@@ -8,5 +8,6 @@
     accounting.py  the user-level ledger and the extrapolation table
     client.py      a speaker's local update with the ordinary Trainer
     server.py      the server state: model, optimizer, ledger, round; atomic checkpoints
+    env.py         Flower's environment (no telemetry, no run-time installs, FLWR_HOME)
     app.py         the Flower ServerApp / ClientApp and the Simulation Runtime entry point
 """
