@@ -1,5 +1,5 @@
 """The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe |
-audit {make-canaries,run}."""
+audit {make-canaries,run} | dp-peft | fl."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fl(a: argparse.Namespace) -> int:
+    from privasr.federated.config import load_fl_config
+
+    cfg = load_fl_config(a.config, a.overrides)
+    from privasr.federated.app import run_simulation_fl  # sets Flower's environment first
+
+    res = run_simulation_fl(cfg)
+    print(json.dumps({k: res[k] for k in ("clipping", "server_optimizer", "epsilon", "delta",
+                                          "rounds", "test_wer", "test_cer", "stopped")}, indent=1))
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from privasr.demo import run_demo
 
@@ -144,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("config", help="experiment YAML, e.g. configs/dp_peft.yaml")
     dp.add_argument("overrides", nargs="*", help="key=value, e.g. device=cuda finetune_steps=300")
     dp.set_defaults(fn=_dp_peft)
+    f = sub.add_parser("fl", help="federated learning with user-level DP (Flower simulation)")
+    f.add_argument("config", help=f"FL recipe YAML (see {CONFIG_DIR}/fl_dp.yaml)")
+    f.add_argument("overrides", nargs="*")
+    f.set_defaults(fn=_fl)
 
     e = sub.add_parser("eval", help="WER/CER of a checkpoint on a manifest")
     e.add_argument("checkpoint")
