@@ -217,7 +217,8 @@ def hooked_clipped_sum(model: nn.Module, params: dict[str, nn.Parameter], batch:
             x, gy = pairs[0]
             x3, g3 = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
             key = rec.prefix + "weight"
-            sq[key] = torch.bmm(g3.transpose(1, 2), x3).square().sum((1, 2))
+            sq[key] = torch.linalg.vector_norm(torch.bmm(g3.transpose(1, 2), x3).flatten(1),
+                                               dim=1).square()
             deferred[key] = (x3, g3)
             if mod.bias is not None and mod.bias.requires_grad:
                 kept[rec.prefix + "bias"] = g3.sum(1)
@@ -226,7 +227,7 @@ def hooked_clipped_sum(model: nn.Module, params: dict[str, nn.Parameter], batch:
             if rec.prefix + k in params:
                 kept[rec.prefix + k] = g
     for k, g in kept.items():
-        sq[k] = g.flatten(1).square().sum(1)
+        sq[k] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
     if not names:
         return losses
     ref = next(iter(params.values()))
