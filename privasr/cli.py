@@ -63,6 +63,8 @@ def _train(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, a.overrides)
     res = run_training(cfg)
+    if res.get("rank", 0):  # under torchrun rank 0 reports
+        return 0
     print(json.dumps({k: res[k] for k in ("test_wer", "test_cer", "steps", "wall_seconds",
                                           "stopped")}, indent=1))
     if res["privacy"]:
