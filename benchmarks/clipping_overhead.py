@@ -7,8 +7,9 @@
 Variants (same model init, same batch, same per-example CTC loss, AdamW(lr=1e-4) step each):
 
     nonprivate      BatchClipGradient(max_norm=5) -- mean loss, global-norm clipping
-    per_example     ClippedGradient(unit=example, C=1, sigma=1, E[B]=16, engine="vectorized")
-    microbatch      ClippedGradient(unit=microbatch, m=4, C=1, sigma=1, E[B]=16, "vectorized")
+    per_example     ClippedGradient(unit=example, C=1, sigma=1, E[B]=16, engine="bookkeeping")
+    microbatch      ClippedGradient(unit=microbatch, m=4, C=1, sigma=1, E[B]=16, "bookkeeping")
+    per_example_vmap  as per_example with engine="vectorized" (vmap per-example gradients)
     opacus_hooks    Opacus PrivacyEngine.make_private(grad_sample_mode="hooks"), C=1, sigma=1
     opacus_ghost    Opacus PrivacyEngine.make_private(grad_sample_mode="ghost", criterion=CTC)
 
@@ -52,7 +53,9 @@ from privasr.models.conformer import ConformerCTC, config_for, count_parameters 
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
 from privasr.train.loss import per_example_ctc  # noqa: E402
 
-VARIANTS = ("nonprivate", "per_example", "microbatch", "opacus_hooks", "opacus_ghost")
+VARIANTS = ("nonprivate", "per_example", "microbatch", "per_example_vmap", "opacus_hooks",
+            "opacus_ghost")
+ENGINE = "bookkeeping"      # privasr's per-example engine for per_example / microbatch
 BASELINE = "nonprivate"
 OUT = Path(__file__).parent / "results" / "clipping_overhead.json"
 CLIP, SIGMA, MICRO = 1.0, 1.0, 4
@@ -100,16 +103,18 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
     model = build_model(size, init)
     ebs = len(batch)
     info: dict = {}
-    if name in ("nonprivate", "per_example", "microbatch"):
+    if name in ("nonprivate", "per_example", "microbatch", "per_example_vmap"):
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         if name == "nonprivate":
             strat = BatchClipGradient(max_norm=5.0)
         else:
             pol = (ClipPolicy(unit="example", clip_norm=CLIP, noise_multiplier=sigma,
-                              expected_batch_size=ebs) if name == "per_example" else
+                              expected_batch_size=ebs) if name != "microbatch" else
                    ClipPolicy(unit="microbatch", microbatch_size=MICRO, clip_norm=CLIP,
                               noise_multiplier=sigma, expected_batch_size=ebs))
-            strat = ClippedGradient(pol, engine="vectorized")
+            engine = "vectorized" if name == "per_example_vmap" else ENGINE
+            strat = ClippedGradient(pol, engine=engine)
+            info["engine"] = engine
             info["policy"] = pol.to_dict()
 
         def step() -> None:
@@ -191,8 +196,7 @@ def check_agreement(size: str, batch: Batch) -> dict:
     ref_model = build_model(size, init)
     pol = ClipPolicy(unit="example", clip_norm=CLIP, noise_multiplier=0.0,
                      expected_batch_size=len(batch))
-    stats = ClippedGradient(pol, engine="vectorized").fill_grads(ref_model, [batch],
-                                                                 per_example_ctc)
+    stats = ClippedGradient(pol, engine=ENGINE).fill_grads(ref_model, [batch], per_example_ctc)
     ref = {n: p.grad.detach().clone() for n, p in ref_model.named_parameters()}
     ref_flat = torch.cat([g.flatten() for g in ref.values()]).double()
     out = {"privasr_stats": {k: float(v) for k, v in stats.items()}}
@@ -273,11 +277,16 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
     import privasr.clipping.strategy as strat_mod
 
     # time the phases: per-example grads (forward+backward), clipping/sum, noise, optimizer
-    orig_peg, orig_add = eng.per_example_grads, eng._UnitClipper.add
+    orig_peg, orig_add = eng.VectorizedEngine.per_example, eng._UnitClipper.add
+    orig_bk = eng.BookkeepingEngine.per_example
 
     def peg(*args, **kw):
         with record_function("privasr::per_example_grads(fwd+bwd)"):
             return orig_peg(*args, **kw)
+
+    def bk(*args, **kw):
+        with record_function("privasr::per_example_grads(fwd+bwd)"):
+            return orig_bk(*args, **kw)
 
     def add(self, g):
         with record_function("privasr::clip_and_sum"):
@@ -289,7 +298,8 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
         with record_function("privasr::noise"):
             return orig_sample(self, *args, **kw)
 
-    eng.per_example_grads, eng._UnitClipper.add = peg, add
+    eng.VectorizedEngine.per_example, eng._UnitClipper.add = peg, add
+    eng.BookkeepingEngine.per_example = bk
     strat_mod.GaussianNoise.sample = sample
     try:
         step()
@@ -298,7 +308,8 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
                 with record_function("privasr::step"):
                     step()
     finally:
-        eng.per_example_grads, eng._UnitClipper.add = orig_peg, orig_add
+        eng.VectorizedEngine.per_example, eng._UnitClipper.add = orig_peg, orig_add
+        eng.BookkeepingEngine.per_example = orig_bk
         strat_mod.GaussianNoise.sample = orig_sample
     avg = prof.key_averages()
     rows = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)

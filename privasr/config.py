@@ -72,7 +72,7 @@ class PrivacyConfig:
     (``privasr.clipping.policy``): unit, bound, clip_norm, scope, noise_multiplier, ..."""
 
     policy: dict = field(default_factory=dict)
-    engine: str = "vectorized"  # reference | vectorized
+    engine: str = "auto"  # auto | bookkeeping | vectorized | reference
     sampling: str = "bucket"  # bucket (duration-bucketed epochs) | poisson (what DP assumes)
     expected_batch_size: float = 16.0  # Poisson: q = expected_batch_size / N
     max_physical: int = 16  # examples per physical batch (memory bound); noise once per step

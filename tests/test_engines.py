@@ -21,6 +21,8 @@ from privasr.train.gradient import BatchClipGradient
 from privasr.train.loss import checked, per_example_ctc
 
 REL_TOL = 1e-5
+# "auto" only dispatches to bookkeeping / vectorized (test_auto_engine_dispatch)
+ENGINE_NAMES = sorted(set(ENGINES) - {"auto"})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,10 +124,16 @@ def assert_same(res, ref, *, check_flags: bool = True):
 
 
 def test_registry():
-    assert {"reference", "vectorized"} <= set(ENGINES)
+    assert {"reference", "vectorized", "bookkeeping", "auto"} <= set(ENGINES)
     assert get_engine("vectorized", chunk_size=3).chunk_size == 3
     with pytest.raises(ValueError, match="unknown clipping engine 'ghost'.*reference"):
         get_engine("ghost")
+
+
+def test_auto_engine_dispatch():
+    auto = get_engine("auto")
+    assert auto.choose(ConformerCTC(config_for("tiny", vocab_size=5))).name == "bookkeeping"
+    assert auto.choose(nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))).name == "vectorized"
 
 
 # -- every engine == reference, small models (property test) --------------------------------------
@@ -150,8 +158,8 @@ def test_engines_match_reference_small_models(model_kind, unit, scope, bound, si
     batches = make_batches(sizes, seed)
     policy = policy_for(unit, scope, bound, c, sum(sizes))
     ref = get_engine("reference").clipped_sum(model, batches, loss_fn, policy, step=step)
-    for name in ENGINES:
-        engine = get_engine(name, chunk_size=chunk) if name == "vectorized" else get_engine(name)
+    for name in ENGINE_NAMES:
+        engine = get_engine(name, chunk_size=chunk) if name != "reference" else get_engine(name)
         res = engine.clipped_sum(model, batches, loss_fn, policy, step=step)
         assert_same(res, ref)
         if freeze:
@@ -180,7 +188,7 @@ def test_engines_match_reference_conformer(conformer_setup, unit, scope, bound):
     ref = get_engine("reference").clipped_sum(model, batches, loss_fn, policy, step=1)
     if ref.units > 1 or bound == "fixed" or scope == "uniform":
         assert 0 < ref.clipped.sum()                         # the bound binds for some unit
-    for name in ENGINES:
+    for name in ENGINE_NAMES:
         if name != "reference":
             assert_same(get_engine(name).clipped_sum(model, batches, loss_fn, policy, step=1), ref)
 
@@ -258,7 +266,7 @@ def test_clipping_binds(scope, c, seed, adaptive):
         assert int(res.clipped.sum()) == res.units - 1
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_huge_bound_is_batch_times_mean_gradient(engine):
     torch.manual_seed(1)
     model = ConvLN()
@@ -278,7 +286,7 @@ def test_layer_bounds_errors_at_engine_time():
     dead = ClipPolicy(scope="per_layer", clip_norm=None,
                       layer_bounds={"encoder.*": 1.0, "*": 1.0})
     uncovered = ClipPolicy(scope="per_layer", clip_norm=None, layer_bounds={"*.weight": 1.0})
-    for name in ENGINES:
+    for name in ENGINE_NAMES:
         with pytest.raises(PolicyError, match=r"\['encoder\.\*'\] match no trainable parameter"):
             get_engine(name).clipped_sum(model, batches, per_example_ctc, dead)
         with pytest.raises(PolicyError, match=r"match no layer_bounds pattern.*catch-all"):
@@ -297,7 +305,7 @@ def test_loss_fn_contract_errors():
 
     with pytest.raises(RuntimeError, match="must get its outputs by calling model"):
         get_engine("vectorized").clipped_sum(model, batches, ignores_model, ClipPolicy())
-    for name in ENGINES:
+    for name in ENGINE_NAMES:
         with pytest.raises(ValueError, match=r"one loss per example, shape \([12],\); got \(\)"):
             get_engine(name).clipped_sum(model, batches, one_number, ClipPolicy())
 
@@ -394,7 +402,7 @@ def test_strategy_equation(unit):
                         expected_batch_size=6, **kw)
     loss_fn = checked(per_example_ctc)
     grads = {}
-    for name in ENGINES:
+    for name in ENGINE_NAMES:
         model.zero_grad(set_to_none=True)
         strat = ClippedGradient(policy, engine=name, generator=torch.Generator().manual_seed(1))
         stats = strat.fill_grads(model, batches, loss_fn)
@@ -404,7 +412,7 @@ def test_strategy_equation(unit):
     e = policy.expected_units
     for n, p in model.named_parameters():
         expected = (ref.grads[n] + torch.randn(p.shape, generator=gen) * 0.5 * 0.1) / e
-        for name in ENGINES:
+        for name in ENGINE_NAMES:
             torch.testing.assert_close(grads[name][n], expected, rtol=1e-5, atol=1e-7)
     assert set(stats) >= {"loss", "frac_clipped", "norm_p10", "norm_p50", "norm_p90", "bound",
                           "units"}

@@ -3,7 +3,8 @@
     g = ( Σ_{u in units} clip(g_u ; C, scope)  +  σ·C·ξ ) / E[#units]        ξ ~ N(0, I)
 
 - ``ClipPolicy`` (policy.py): what -- unit, bound, scope, σ, E[#units]; validated.
-- engines (engines.py): how -- ``reference`` (ground truth), ``vectorized``; ``get_engine``.
+- engines (engines.py): how -- ``reference`` (ground truth), ``vectorized`` (vmap, any module),
+  ``bookkeeping`` (one forward + activation backward; Linear/Conv/LayerNorm), ``auto``.
 - ``ClippedGradient`` (strategy.py): the trainer's ``GradientStrategy``; noise and normalisation.
 - ``GaussianNoise`` (noise.py): seeded or CSPRNG noise.
 """

@@ -8,7 +8,11 @@ truth the others are tested against. Register a new one with ``@register_engine`
                 Slow, obviously correct.
 ``vectorized``  per-example gradients of a chunk of examples in one pass, then per-unit norms
                 and clipping as tensor ops (micro-batch / core units: per-example gradients are
-                averaged into their groups first, then clipped).
+                averaged into their groups first, then clipped). Any module.
+``bookkeeping``  the same clipping, with per-example gradients from one ordinary forward and an
+                activation-only backward (``privasr.clipping.bookkeeping``): the fastest, for
+                models built of Linear / Conv1d / Conv2d / LayerNorm (the Conformer-CTC).
+``auto``        ``bookkeeping`` when the model allows it, else ``vectorized`` (the default).
 
 How ``vectorized`` gets per-example gradients. The usual ``vmap(grad(loss))`` would run the
 trainer's loss function under ``vmap``, which breaks twice for CTC: ``F.ctc_loss`` has no
@@ -39,11 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from privasr.clipping.bookkeeping import check_supported, hooked_per_example_grads
 from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
 from privasr.data.dataset import Batch
 
 __all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
            "resolve_layers", "trainable_parameters", "ReferenceEngine", "VectorizedEngine",
+           "BookkeepingEngine", "AutoEngine",
            "per_example_grads"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -417,6 +423,11 @@ class VectorizedEngine(Engine):
             raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
         self.chunk_size = chunk_size
 
+    def per_example(self, model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
+                    loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
+        """({name: (B, *shape)} per-example gradients, (B,) losses) of one chunk."""
+        return per_example_grads(model, params, batch, loss_fn)
+
     def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
         params = trainable_parameters(model)
         spec = resolve_layers(policy, list(params))
@@ -449,7 +460,7 @@ class VectorizedEngine(Engine):
         for b in batches:
             for start in range(0, len(b), self.chunk_size):
                 sub = _rows(b, start, min(len(b), start + self.chunk_size))
-                g, losses = per_example_grads(model, params, sub, loss_fn)
+                g, losses = self.per_example(model, params, sub, loss_fn)
                 loss_sum += float(losses.sum())
                 if grouped:
                     idx = unit_of[pos:pos + len(sub)]
@@ -469,3 +480,39 @@ class VectorizedEngine(Engine):
                 clipper.add({k: v[sel] / d.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
                              for k, v in sums.items()})
         return clipper.finish(loss_sum, n)
+
+
+@register_engine
+class BookkeepingEngine(VectorizedEngine):
+    """``vectorized``'s clipping, with per-example gradients from one ordinary forward and one
+    activation-only backward (``privasr.clipping.bookkeeping``): no vmap, no parameter-gradient
+    products. Linear / Conv1d / Conv2d / LayerNorm modules only (others raise TypeError)."""
+
+    name = "bookkeeping"
+
+    def per_example(self, model, params, batch, loss_fn):
+        return hooked_per_example_grads(model, params, batch, loss_fn, _check_losses)
+
+
+@register_engine
+class AutoEngine(Engine):
+    """``bookkeeping`` when every module owning trainable parameters is one it supports
+    (Linear / Conv1d / Conv2d / LayerNorm), else ``vectorized``; decided per model."""
+
+    name = "auto"
+
+    def __init__(self, *, chunk_size: int = 16) -> None:
+        self.fast = BookkeepingEngine(chunk_size=chunk_size)
+        self.general = VectorizedEngine(chunk_size=chunk_size)
+        self.chunk_size = chunk_size
+
+    def choose(self, model: nn.Module) -> Engine:
+        try:
+            check_supported(model)
+        except TypeError:
+            return self.general
+        return self.fast
+
+    def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
+        return self.choose(model).clipped_sum(model, batches, loss_fn, policy,
+                                              clip_norm=clip_norm, step=step)

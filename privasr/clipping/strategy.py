@@ -6,7 +6,7 @@ Usage (a trainer's ``strategy=``)::
 
     policy = ClipPolicy(unit="example", clip_norm=1.0, noise_multiplier=1.1,
                         expected_batch_size=q * N)
-    strategy = ClippedGradient(policy, engine="vectorized", secure_noise=True)
+    strategy = ClippedGradient(policy, engine="auto", secure_noise=True)
     stats = strategy.fill_grads(model, physical_batches, loss_fn)    # then optimizer.step()
 
 - The engine (``privasr.clipping.engines``) sums the clipped unit gradients over ALL physical
@@ -49,7 +49,7 @@ __all__ = ["ClippedGradient"]
 class ClippedGradient:
     """Clip each unit, sum, add one Gaussian draw, divide by E[#units]; fill ``p.grad``."""
 
-    def __init__(self, policy: ClipPolicy, engine: str | Engine = "vectorized", *,
+    def __init__(self, policy: ClipPolicy, engine: str | Engine = "auto", *,
                  generator: torch.Generator | None = None, secure_noise: bool = False,
                  **engine_kwargs: Any) -> None:
         if not isinstance(policy, ClipPolicy):
