@@ -72,6 +72,18 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pcc_experiment(a: argparse.Namespace) -> int:
+    from privasr.experiments.pcc import run_pcc_experiment
+
+    try:
+        bounds = [float(c) for c in a.bounds.split(",")]
+    except ValueError:
+        raise ValueError(f"--bounds {a.bounds!r}: give clip norms like 1,3,10") from None
+    run_pcc_experiment(a.config, out=a.out, bounds=bounds, cores=a.cores, steps=a.steps,
+                       device=a.device, overrides=a.overrides)
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from privasr.demo import run_demo
 
@@ -128,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help=f"recipe YAML (see {CONFIG_DIR})")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=_train)
+
+    pe = sub.add_parser("pcc-experiment", help="baseline vs per-core clipping (PCC) at a few "
+                        "bounds vs adaptive PCC, K simulated cores: WER table + curves")
+    pe.add_argument("--config", default=str(CONFIG_DIR / "pcc.yaml"))
+    pe.add_argument("--out", default="runs/pcc-experiment")
+    pe.add_argument("--bounds", default="1,3,10", help="PCC clip norms C, comma-separated")
+    pe.add_argument("--cores", type=int, default=4, help="K simulated cores")
+    pe.add_argument("--steps", type=int, help="optim.max_steps (warm-up/eval scaled to fit)")
+    pe.add_argument("--device", help="auto | cpu | cuda")
+    pe.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    pe.set_defaults(fn=_pcc_experiment)
 
     e = sub.add_parser("eval", help="WER/CER of a checkpoint on a manifest")
     e.add_argument("checkpoint")

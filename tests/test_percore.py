@@ -4,6 +4,7 @@ virtual cores, for fixed and adaptive bounds, global and per-layer scope, with a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,3 +125,51 @@ def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, 
         assert float(rd["bound"]) == pytest.approx(float(rs["bound"]), rel=1e-5)
         assert "norm_core1" in rd and rd["frac_clipped"] == rs["frac_clipped"]
     assert json.loads((dist_out / "results.json").read_text())["world_size"] == 2
+
+
+# -- the PCC experiment driver ------------------------------------------------------------------
+def test_pcc_experiment_variants_are_valid_recipes():
+    from privasr.clipping.policy import ClipPolicy
+    from privasr.config import load_config
+    from privasr.experiments.pcc import run_pcc_experiment, variants
+
+    vs = variants([0.5, 2.0], cores=4)
+    assert list(vs) == ["baseline", "pcc_0.5", "pcc_2", "apcc"]
+    for name, extra in vs.items():
+        cfg = load_config("configs/pcc.yaml", extra)
+        if name == "baseline":
+            assert cfg.privacy.policy == {}
+            continue
+        pol = ClipPolicy.from_dict(cfg.privacy.policy)
+        assert pol.unit == "core" and pol.num_cores == 4
+        assert pol.bound == ("adaptive_min" if name == "apcc" else "fixed")
+    with pytest.raises(ValueError, match="bounds"):
+        run_pcc_experiment(bounds=[0.0])
+
+
+@pytest.mark.slow
+def test_pcc_experiment_end_to_end(tiny_corpus, tmp_path):
+    from privasr.experiments.pcc import run_pcc_experiment
+    from test_trainer import _overrides
+
+    corpus, _, _ = tiny_corpus
+    over = [o for o in _overrides(corpus, "X", steps=3) if not o.startswith(("out_dir",
+                                                                              "optim.max"))]
+    lines = []
+    res = run_pcc_experiment(out=tmp_path / "exp", bounds=[2.0], cores=2, steps=3,
+                             overrides=over, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    rows = {r["variant"]: r for r in res["table"]}
+    assert list(rows) == ["baseline", "pcc_2", "apcc"] and res["steps"] == 3
+    assert rows["pcc_2"]["mean bound"] == 2.0 and math.isnan(rows["baseline"]["mean bound"])
+    assert rows["apcc"]["mean bound"] <= rows["apcc"]["median core norm"]
+    for r in rows.values():
+        assert 0 <= r["test WER"] and math.isfinite(r["test loss"])
+    assert all(len(c["loss"]) == 3 for c in res["curves"].values())
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert saved["table"] == json.loads(json.dumps(res["table"]))
+    html = (tmp_path / "exp" / "report.html").read_text()
+    assert html.count("data:image/png;base64") == 2 and "pcc_2" in html
+    lines.clear()                                   # a second call reuses the finished runs
+    run_pcc_experiment(out=tmp_path / "exp", bounds=[2.0], cores=2, steps=3, overrides=over,
+                       log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert sum("done already" in ln for ln in lines) == 3

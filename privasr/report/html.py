@@ -66,10 +66,11 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[str, Any]]],
-                 notes: str = "") -> Path:
-    """Write ``run_dir/report.html`` with the given tables and the run's curves."""
+                 notes: str = "", figures: dict[str, str] | None = None) -> Path:
+    """Write ``run_dir/report.html`` with the given tables, the run's curves and ``figures``
+    (extra base64 PNGs by title)."""
     run_dir = Path(run_dir)
-    figs = training_figures(run_dir)
+    figs = {**training_figures(run_dir), **(figures or {})}
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
