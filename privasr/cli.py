@@ -73,10 +73,10 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _pcc_experiment(a: argparse.Namespace) -> int:
-    from privasr.experiments.pcc import run_pcc_experiment
+    from privasr.experiments.pcc import DEFAULT_BOUNDS, run_pcc_experiment
 
     try:
-        bounds = [float(c) for c in a.bounds.split(",")]
+        bounds = [float(c) for c in a.bounds.split(",")] if a.bounds else DEFAULT_BOUNDS
     except ValueError:
         raise ValueError(f"--bounds {a.bounds!r}: give clip norms like 1,3,10") from None
     run_pcc_experiment(a.config, out=a.out, bounds=bounds, cores=a.cores, steps=a.steps,
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bounds vs adaptive PCC, K simulated cores: WER table + curves")
     pe.add_argument("--config", default=str(CONFIG_DIR / "pcc.yaml"))
     pe.add_argument("--out", default="runs/pcc-experiment")
-    pe.add_argument("--bounds", default="1,3,10", help="PCC clip norms C, comma-separated")
+    pe.add_argument("--bounds", help="PCC clip norms C, comma-separated (default 0.5,1,2)")
     pe.add_argument("--cores", type=int, default=4, help="K simulated cores")
     pe.add_argument("--steps", type=int, help="optim.max_steps (warm-up/eval scaled to fit)")
     pe.add_argument("--device", help="auto | cpu | cuda")

@@ -2,7 +2,7 @@
 
     privasr pcc-experiment                                     # configs/pcc.yaml, K = 4 cores
     privasr pcc-experiment --steps 3000 --device cuda --out runs/pcc-gpu
-    privasr pcc-experiment --bounds 1 3 10 model.size=tiny     # recipe overrides at the end
+    privasr pcc-experiment --bounds 0.5,2 model.size=tiny      # recipe overrides at the end
 
 Every variant trains the same recipe (same seed, data order, model init) on one process with
 K simulated cores (``unit=core, num_cores=K``: examples are routed to cores exactly as a
@@ -32,7 +32,7 @@ from privasr.atomic import atomic_write_text
 from privasr.config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
-DEFAULT_BOUNDS = (1.0, 3.0, 10.0)
+DEFAULT_BOUNDS = (0.5, 1.0, 2.0)  # per-core norms: ~6 at init, ~0.5-1.4 when trained
 
 
 def variants(bounds: Sequence[float], cores: int) -> dict[str, list[str]]:
