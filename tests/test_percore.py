@@ -92,10 +92,15 @@ def test_percore_needs_a_process_group():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bound", ["clip_norm=2.0", "bound=adaptive_min"])
-def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, bound):
+@pytest.mark.parametrize("extra", [["privacy.policy.clip_norm=2.0"],
+                                   ["privacy.policy.bound=adaptive_min"],
+                                   ["privacy.sampling=poisson", "privacy.expected_batch_size=6",
+                                    "privacy.max_physical=4", "privacy.target_epsilon=8"]],
+                         ids=["pcc", "apcc", "dp"])
+def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, extra):
     """`privasr train configs/pcc.yaml` on 2 ranks == on one process with 2 virtual cores:
-    same logs, same parameters after 3 steps (sharding, SpecAugment, Adam, checkpoints)."""
+    same logs, same parameters after 3 steps (sharding, SpecAugment, Adam, checkpoints; with
+    DP: the same noise, the same ledger and ε)."""
     import csv
 
     from privasr.config import load_config
@@ -104,8 +109,7 @@ def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, 
 
     corpus, _, _ = tiny_corpus
     common = _overrides(corpus, "X", steps=3) + ["model.dropout=0.0", "eval_every=3",
-                                                  "privacy.policy.num_cores=2",
-                                                  f"privacy.policy.{bound}"]
+                                                  "privacy.policy.num_cores=2", *extra]
     dist_out, sim_out = tmp_path / "dist", tmp_path / "sim"
     torchrun(2, ["-m", "privasr.cli", "train", "configs/pcc.yaml",
                  *[o for o in common if not o.startswith("out_dir")], f"out_dir={dist_out}"])
@@ -119,12 +123,17 @@ def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, 
         if not k.endswith("attn.k.bias"):
             torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-5)
     assert a["strategy"]["clip"] == b["strategy"]["clip"]      # interchangeable checkpoints
+    assert a["strategy"]["ledger"] == b["strategy"]["ledger"]
     rows = {o: list(csv.DictReader(open(o / "train.csv"))) for o in (dist_out, sim_out)}
     for rd, rs in zip(rows[dist_out], rows[sim_out]):
         assert float(rd["loss"]) == pytest.approx(float(rs["loss"]), rel=1e-5)
         assert float(rd["bound"]) == pytest.approx(float(rs["bound"]), rel=1e-5)
         assert "norm_core1" in rd and rd["frac_clipped"] == rs["frac_clipped"]
-    assert json.loads((dist_out / "results.json").read_text())["world_size"] == 2
+    res = json.loads((dist_out / "results.json").read_text())
+    assert res["world_size"] == 2
+    if "privacy.target_epsilon=8" in extra:
+        assert res["privacy"]["unit"] == "core" and 7 < res["privacy"]["epsilon"] <= 8
+        assert float(rows[dist_out][0]["noise_std"]) > 0
 
 
 # -- the PCC experiment driver ------------------------------------------------------------------
