@@ -42,7 +42,7 @@ factor 2, exactly as ``ClipPolicy.sensitivity_factor`` and the ledger charge.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
 from privasr.data.dataset import Batch
 from privasr.train.loss import NonFiniteLossError
 
-__all__ = ["FlatGrads", "PerCoreGradient", "clip_factors", "select_rows"]
+__all__ = ["FlatGrads", "PerCoreGradient", "clip_factors", "select_rows", "shard_batches"]
 
 LossFn = Any
 
@@ -136,6 +136,18 @@ def select_rows(b: Batch, keep: list[int]) -> Batch:
     return Batch([b.ids[i] for i in keep], b.feats[idx, :t], lens, b.targets[idx, :s], tl)
 
 
+def shard_batches(batches: Sequence[Batch], mine: Callable[[int], bool]) -> list[Batch]:
+    """The examples at positions ``i`` (counted across the logical batch) with ``mine(i)``,
+    batch by batch (empty batches dropped)."""
+    out, pos = [], 0
+    for b in batches:
+        keep = [r for r in range(len(b)) if mine(pos + r)]
+        pos += len(b)
+        if keep:
+            out.append(select_rows(b, keep))
+    return out
+
+
 class PerCoreGradient:
     """PCC / APCC across the ranks of the default process group (one rank = one core).
 
@@ -178,15 +190,8 @@ class PerCoreGradient:
     # -- sharding ------------------------------------------------------------------------------
     def local_batches(self, batches: Sequence[Batch]) -> list[Batch]:
         """This rank's share of the logical batch: the rows of virtual core ``rank``."""
-        ids = [i for b in batches for i in b.ids]
-        unit_of, _ = assign_groups(self.policy, ids, self.step)
-        out, pos = [], 0
-        for b in batches:
-            keep = [r for r in range(len(b)) if unit_of[pos + r] == self.rank]
-            pos += len(b)
-            if keep:
-                out.append(select_rows(b, keep))
-        return out
+        unit_of, _ = assign_groups(self.policy, [i for b in batches for i in b.ids], self.step)
+        return shard_batches(batches, lambda i: unit_of[i] == self.rank)
 
     # -- the step ------------------------------------------------------------------------------
     def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from privasr.clipping.percore import FlatGrads, PerCoreGradient
+from privasr.clipping.percore import FlatGrads, PerCoreGradient, shard_batches
 from privasr.clipping.policy import PolicyError
 from privasr.data.dataset import Batch
 from privasr.train.loss import NonFiniteLossError
@@ -99,20 +99,11 @@ class NullLog:
 
 def contiguous_shard(rank: int, world: int) -> Callable[[Sequence[Batch]], list[Batch]]:
     """Rank ``rank``'s share of a logical batch: its run of K nearly equal runs in order."""
-    from privasr.clipping.percore import select_rows
-
     def shard(batches: Sequence[Batch]) -> list[Batch]:
-        n = sum(len(b) for b in batches)
-        base, extra = divmod(n, world)
+        base, extra = divmod(sum(len(b) for b in batches), world)
         lo = rank * base + min(rank, extra)
         hi = lo + base + (rank < extra)
-        out, pos = [], 0
-        for b in batches:
-            keep = [r for r in range(len(b)) if lo <= pos + r < hi]
-            pos += len(b)
-            if keep:
-                out.append(select_rows(b, keep))
-        return out
+        return shard_batches(batches, lambda i: lo <= i < hi)
 
     return shard
 
