@@ -23,6 +23,7 @@ What changes under torchrun, and what does not:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -65,8 +66,11 @@ def init_distributed(device: torch.device) -> DistContext | None:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # rank 0 evaluates (dev, test) while the others wait in the next collective: allow an
+        # hour rather than NCCL's 10-minute default
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(hours=1))
     return DistContext(rank, world, local, int(env.get("LOCAL_WORLD_SIZE", world)), device)
 
 
