@@ -55,7 +55,8 @@ from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
 from privasr.data.dataset import Batch
 from privasr.train.loss import NonFiniteLossError
 
-__all__ = ["FlatGrads", "PerCoreGradient", "clip_factors", "select_rows", "shard_batches"]
+__all__ = ["FlatGrads", "PerCoreGradient", "SimulatedCores", "clip_factors", "select_rows",
+           "shard_batches"]
 
 LossFn = Any
 
@@ -270,3 +271,40 @@ class PerCoreGradient:
                for k in range(k_cores)},
             "audio_seconds": audio,
         }
+
+
+class SimulatedCores:
+    """Wraps a one-process ``ClippedGradient`` with ``unit=core`` so that its stats carry
+    ``norm_core{k}`` like ``PerCoreGradient``'s: the logs (and so a run's CSV columns) of the
+    K-core simulation and of the K-rank torchrun run are the same, and either resumes the other.
+    NaN marks a core that got no example this step."""
+
+    def __init__(self, clipped: Any) -> None:
+        if clipped.policy.unit != "core":
+            raise PolicyError(f"SimulatedCores needs unit='core' (got {clipped.policy.unit!r})")
+        self.clipped, self.policy = clipped, clipped.policy
+        self._engine, self._norms = clipped.engine, [math.nan] * clipped.policy.num_cores
+        clipped.engine = self          # ClippedGradient calls our clipped_sum
+
+    def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
+        res = self._engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
+                                       step=step)
+        unit_of, groups = assign_groups(policy, [i for b in batches for i in b.ids], step)
+        live = sorted(set(unit_of))     # every engine reports the live units in index order
+        if len(live) != res.units:
+            raise RuntimeError(f"engine reported {res.units} cores, the grouping {len(live)}")
+        self._norms = [math.nan] * groups
+        for k, n in zip(live, res.norms.tolist()):
+            self._norms[k] = float(n)
+        return res
+
+    def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
+                   ) -> dict[str, float]:
+        stats = self.clipped.fill_grads(model, batches, loss_fn)
+        return {**stats, **{f"norm_core{k}": n for k, n in enumerate(self._norms)}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipped.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clipped.load_state_dict(state)

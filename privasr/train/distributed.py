@@ -14,7 +14,8 @@ What changes under torchrun, and what does not:
   defaults to the world size); no policy → ``DistributedMeanGradient`` (the global batch mean,
   then the usual global-norm clip: what DDP computes). Other units are refused.
 - Identical init: rank 0's parameters and buffers are broadcast once; every rank then reseeds
-  its torch RNG from (seed, rank, step) so dropout masks differ across ranks.
+  its torch RNG from (seed, rank, step) every step, so dropout masks differ across ranks and a
+  resumed run continues exactly.
 - Rank 0 alone writes checkpoints, CSV/TensorBoard logs, dev/test evaluations and results;
   every rank resumes from the same ``last.pt``. Rank 0 builds the corpus and feature caches
   first, the others wait and then read them.
@@ -32,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from privasr.clipping.percore import FlatGrads, PerCoreGradient, shard_batches
+from privasr.clipping.percore import (FlatGrads, PerCoreGradient, SimulatedCores,
+                                      shard_batches)
 from privasr.clipping.policy import PolicyError
 from privasr.data.dataset import Batch
 from privasr.train.loss import NonFiniteLossError
@@ -160,9 +162,16 @@ def prepare_config(cfg: Any, ctx: DistContext) -> None:
         pol.setdefault("num_cores", ctx.world_size)
 
 
-def distribute_setup(setup: Any, cfg: Any, ctx: DistContext
-                     ) -> tuple[Any, Callable[[Sequence[Batch]], list[Batch]]]:
-    """(the strategy to train with under torchrun, the function that shards a logical batch)."""
+def distribute_setup(setup: Any, cfg: Any, ctx: DistContext | None
+                     ) -> tuple[Any, Callable[[Sequence[Batch]], list[Batch]] | None]:
+    """(the strategy to train with, the function that shards a logical batch under torchrun).
+
+    On one process (``ctx`` None) the setup's strategy is kept; with unit=core its stats gain
+    the per-core norms, so the simulation logs the same columns as the torchrun run."""
+    if ctx is None:
+        if setup.policy is not None and setup.policy.unit == "core":
+            setup.strategy.clipped = SimulatedCores(setup.strategy.clipped)
+        return setup.strategy, None
     if setup.policy is None:
         return (DistributedMeanGradient(max_norm=cfg.optim.max_grad_norm),
                 contiguous_shard(ctx.rank, ctx.world_size))

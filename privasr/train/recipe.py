@@ -92,7 +92,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     model = build_model(cfg, tok.vocab_size)
     vocab = list(tok.symbols)
     setup = build_setup(cfg, train_ds)
-    strategy, shard = (setup.strategy, None) if ctx is None else D.distribute_setup(setup, cfg, ctx)
+    strategy, shard = D.distribute_setup(setup, cfg, ctx)
     trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=strategy,
                       plan=setup.plan, dist=ctx, shard=shard)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

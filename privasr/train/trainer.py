@@ -224,12 +224,12 @@ class Trainer:
         dev: dict[str, float] = {}
         bar = tqdm(total=cfg.optim.max_steps, initial=self.pos.step, desc="train", unit="step",
                    disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
-        if self.dist is not None:  # dropout differs across ranks, reproducibly
-            torch.manual_seed(cfg.seed * 1_000_003 + self.dist.rank * 7919 + self.pos.step)
         t_last = time.time()
         stopped = None
         while self.pos.step < cfg.optim.max_steps:
             saved_pos = Position(**vars(self.pos))
+            if self.dist is not None:  # dropout: differs across ranks, and resumes exactly
+                torch.manual_seed(cfg.seed * 1_000_003 + self.dist.rank * 7919 + self.pos.step)
             batches = self._physical_batches()
             self.optimizer.zero_grad(set_to_none=True)
             try:
