@@ -181,7 +181,7 @@ def test_pcc_experiment_end_to_end(tiny_corpus, tmp_path):
     saved = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(res["table"]))
     html = (tmp_path / "exp" / "report.html").read_text()
-    assert html.count("data:image/png;base64") == 2 and "pcc_2" in html
+    assert html.count("data:image/png;base64") == 3 and "pcc_2" in html
     lines.clear()                                   # a second call reuses the finished runs
     run_pcc_experiment(out=tmp_path / "exp", bounds=[2.0], cores=2, steps=3, overrides=over,
                        log=lambda *a, **k: lines.append(" ".join(map(str, a))))

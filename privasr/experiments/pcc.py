@@ -17,7 +17,8 @@ differs:
 σ = 0 throughout (memorization mitigation; no formal DP). Each variant trains in OUT/<name>
 (resumable: a finished variant is not retrained), and the experiment writes OUT/results.json
 (test WER/CER/loss, final train loss, mean fraction of cores clipped and bound in force, the
-loss curves) and OUT/report.html (the table, and train-loss and dev-WER curves of all variants).
+loss, norm and bound curves) and OUT/report.html (the table; train-loss, dev-WER and
+per-core-norm/bound curves of all variants).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def run_pcc_experiment(config: str | Path = CONFIG_DIR / "pcc.yaml", *,
         res = run_variant(name, Path(config), common + extra, out, log)
         train, dev = _read_logs(out / name)
         curves[name] = {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train],
+                        "bound": [r.get("bound", math.nan) for r in train],
+                        "core_norm_p50": [r.get("norm_p50", math.nan) for r in train],
                         "dev_step": [r["step"] for r in dev],
                         "dev_wer": [r["wer"] for r in dev], "dev_loss": [r["loss"] for r in dev]}
         rows.append({"variant": name, "test WER": res["test_wer"], "test CER": res["test_cer"],
@@ -151,6 +154,16 @@ def write_pcc_report(out: Path, results: dict[str, Any]) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     figs["dev WER"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, c) in enumerate((n, c) for n, c in results["curves"].items() if n != "baseline"):
+        ax.plot(c["step"], c["core_norm_p50"], color=f"C{i + 1}", alpha=0.5,
+                label=f"{name}: median core norm")
+        ax.plot(c["step"], c["bound"], "--", color=f"C{i + 1}", label=f"{name}: bound")
+    ax.set(xlabel="step", ylabel="L2 norm", yscale="log",
+           title="Per-core gradient norms and the bound in force")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    figs["norms and bounds"] = _png(fig)
     notes = (f"Per-core clipping with K = {results['cores']} simulated cores on "
              f"{results['device']}, {results['steps']} steps; σ = 0 (memorization mitigation, "
              "no formal DP). baseline = ordinary training (batch gradient clipped to "
