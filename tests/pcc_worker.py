@@ -56,6 +56,8 @@ def policies(c: float) -> dict[str, ClipPolicy]:
         "layers": ClipPolicy(**core, clip_norm=None, scope="per_layer",
                              layer_bounds={"*.bias": c / 10, "*": c / 3}),
         "noise": ClipPolicy(**core, clip_norm=c, noise_multiplier=0.7),
+        "quantile": ClipPolicy(**core, bound="quantile", clip_norm=c, noise_multiplier=0.7,
+                               quantile_noise_multiplier=0.5, target_quantile=0.3),
     }
 
 
@@ -78,7 +80,8 @@ def main(out: Path) -> None:
         model.zero_grad(set_to_none=True)
         stats = strategy.fill_grads(model, local, loss_fn())
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        torch.save((grads, stats), out / f"{name}.rank{ctx.rank}.pt")
+        state = strategy.state_dict() if hasattr(strategy, "state_dict") else None
+        torch.save((grads, stats, state), out / f"{name}.rank{ctx.rank}.pt")
         return stats
 
     probe = PerCoreGradient(ClipPolicy(unit="core", num_cores=2, clip_norm=1e9))

@@ -52,11 +52,12 @@ def _max_rel_diff(model, grads) -> float:
 
 @pytest.mark.parametrize("case", list(policies(1.0)))
 def test_torchrun_matches_simulation(dist_run, case, one_thread):
-    _, probe = _load(dist_run, "probe")
+    _, probe, _ = _load(dist_run, "probe")
     c = (probe["norm_core0"] * probe["norm_core1"]) ** 0.5
     pol = policies(c)[case]
-    g0, s0 = _load(dist_run, case)
-    g1, _ = _load(dist_run, case, rank=1)
+    g0, s0, state0 = _load(dist_run, case)
+    g1, _, state1 = _load(dist_run, case, rank=1)
+    assert state0 == state1            # the same bound state (quantile update) on every rank
     assert all(torch.equal(g0[n], g1[n]) for n in g0)       # every rank holds the same update
     for engine, tol in (("reference", REL), ("vectorized", 2 * REL)):
         model = make_model()
@@ -64,6 +65,10 @@ def test_torchrun_matches_simulation(dist_run, case, one_thread):
             pol, engine, generator=torch.Generator().manual_seed(NOISE_SEED)))
         st = sim.fill_grads(model, make_batches(), loss_fn())
         assert _max_rel_diff(model, g0) <= tol, (engine, case)
+        want = sim.state_dict()
+        assert state0["step"] == want["step"] == 1
+        assert (state0["clip_norm"] is want["clip_norm"] is None
+                or state0["clip_norm"] == pytest.approx(want["clip_norm"], rel=1e-6))
         for k in ("loss", "frac_clipped", "bound", "units", "examples", "norm_p10", "norm_p90",
                   "noise_std", "norm_core0", "norm_core1"):
             assert s0[k] == pytest.approx(st[k], rel=1e-5), (engine, k)
@@ -74,14 +79,16 @@ def test_torchrun_matches_simulation(dist_run, case, one_thread):
         assert s0["bound"] == pytest.approx(norms[0], rel=1e-6)
     elif pol.scope == "global":
         assert s0["frac_clipped"] == 0.5 and norms[0] < s0["bound"] < norms[1]
-    if case == "noise":
+    if case in ("noise", "quantile"):
         assert s0["noise_std"] > 0
+    if case == "quantile":              # the bound moved, by the noised count of unclipped cores
+        assert state0["clip_norm"] != pytest.approx(c)
 
 
 def test_distributed_mean_is_the_batch_mean(dist_run, one_thread):
     model = make_model()
     BatchClipGradient(max_norm=0.5).fill_grads(model, make_batches(), loss_fn())
-    g0, s0 = _load(dist_run, "mean")
+    g0, s0, _ = _load(dist_run, "mean")
     assert _max_rel_diff(model, g0) <= REL
     assert s0["audio_seconds"] == pytest.approx(sum(b.audio_seconds for b in make_batches()))
 

@@ -9,9 +9,10 @@ Each step, on every rank (launch with ``torchrun --nproc_per_node=K``)::
        buffer (no DDP, no bucketed all-reduce: DDP's comm hooks see buckets, and per-bucket
        clipping would be wrong);
     2. the full local norm (global, or per tensor for scope=per_layer), the clip factors, scale;
-    3. ONE all-reduce (SUM) of the flat buffer, whose trailing 3K+4 slots carry each core's
-       norm, liveness and clipped flag, the loss sum, example count, audio seconds and a
-       non-finite flag -- so the logs, and APCC's bound, need no extra collective.
+    3. ONE all-reduce (SUM) of the flat buffer, whose trailing 3K+5 slots carry each core's
+       norm, liveness and clipped flag, the loss sum, example count, audio seconds, a
+       non-finite flag and the quantile count's noise -- so the logs, APCC's bound and the
+       quantile bound's update need no extra collective.
 
 APCC (``bound=adaptive_min``, C_t = min_k ‖g_k‖) needs C_t before scaling, which would cost a
 second collective; instead each core sends its *direction* g_k/‖g_k‖ (for the uniform per-layer
@@ -30,7 +31,8 @@ Noise (σ > 0): added ONCE, by rank 0, to its contribution before the all-reduce
 drawn per trainable tensor in name order from the strategy's generator (or the OS CSPRNG with
 ``secure_noise``). So the sum carries exactly one draw of std σ·C, every rank receives the same
 noised gradient, and with the same seed it is the very draw ``ClippedGradient`` makes on one
-process. (Alternatives rejected: every rank drawing the same seeded ξ after the all-reduce rules
+process; likewise the noise of the quantile bound's count (``bound=quantile``, drawn after
+the gradient noise, as ``ClippedGradient`` does) travels in a slot. (Alternatives rejected: every rank drawing the same seeded ξ after the all-reduce rules
 out secure noise; K independent draws of std σ·C/√K, paxml's choice, give the same mechanism
 but cannot be reproduced by the one-process simulation.) Only rank 0's generator is used, so
 only its state is checkpointed. Privacy unit: one *example* -- examples are Poisson-sampled,
@@ -170,9 +172,6 @@ class PerCoreGradient:
             raise PolicyError(f"privacy.policy.num_cores={policy.num_cores} but torchrun started "
                               f"{self.world} processes: under torchrun each rank is one core "
                               "(leave num_cores out to use the world size)")
-        if policy.bound == "quantile":
-            raise PolicyError("bound='quantile' is not supported across processes yet; use "
-                              "bound=fixed or adaptive_min, or simulate the cores on one process")
         self.policy = policy
         self.noise = GaussianNoise(generator=generator, secure=secure_noise)
         self.clip_norm = policy.clip_norm
@@ -200,7 +199,7 @@ class PerCoreGradient:
         pol, k_cores, r = self.policy, self.world, self.rank
         params = trainable_parameters(model)
         if self._flat is None:
-            self._flat = FlatGrads(params, extra=3 * k_cores + 4)
+            self._flat = FlatGrads(params, extra=3 * k_cores + 5)
             self._spec = resolve_layers(pol, list(params))
         flat, spec = self._flat, self._spec
         flat.attach()
@@ -230,20 +229,24 @@ class PerCoreGradient:
                 torch._foreach_mul_(flat.views, list(factors.unbind()))
         bound = spec.total_bound(c) if not adaptive else math.nan
         std = pol.noise_multiplier * bound if pol.noise_multiplier > 0 else 0.0
-        if std > 0 and r == 0:                  # the one noise draw of the step (see module doc)
-            for v in flat.views:
-                v.add_(self.noise.sample(v.shape, std, device=v.device, dtype=v.dtype)
-                       / k_cores)
+        count_noise = 0.0
+        if r == 0:                              # the one noise draw of the step (see module doc)
+            if std > 0:
+                for v in flat.views:
+                    v.add_(self.noise.sample(v.shape, std, device=v.device, dtype=v.dtype)
+                           / k_cores)
+            if pol.bound == "quantile" and pol.quantile_noise_multiplier > 0:
+                count_noise = float(self.noise.sample((), pol.quantile_noise_multiplier))
         s = flat.slots
         s[r], s[k_cores + r], s[2 * k_cores + r] = norm, float(n > 0), float(was_clipped)
         s[3 * k_cores:] = torch.tensor([loss_sum, n, sum(b.audio_seconds for b in batches),
-                                        float(bad is not None)], dtype=s.dtype)
+                                        float(bad is not None), count_noise], dtype=s.dtype)
         dist.all_reduce(flat.buf)
 
         got = s.detach().double().cpu()
         norms, live = got[:k_cores], got[k_cores:2 * k_cores] > 0.5
         clipped = got[2 * k_cores:3 * k_cores] > 0.5
-        total_loss, examples, audio, n_bad = got[3 * k_cores:].tolist()
+        total_loss, examples, audio, n_bad, count_noise = got[3 * k_cores:].tolist()
         if n_bad > 0:
             if bad is not None:
                 raise bad
@@ -254,6 +257,10 @@ class PerCoreGradient:
             flat.grad.mul_(bound if live_norms.numel() else 0.0)
             if spec.mode == "global":
                 clipped = norms > bound
+        if pol.bound == "quantile":             # Andrew et al.: every rank, the same update
+            frac = (float((live_norms <= bound).sum()) + count_noise) / k_cores
+            self.clip_norm = float(self.clip_norm * math.exp(-pol.quantile_lr
+                                                             * (frac - pol.target_quantile)))
         self.step += 1
 
         units = int(live.sum())
