@@ -199,10 +199,7 @@ def test_pcc_experiment_end_to_end(tiny_corpus, tmp_path):
 def test_torchrun_resumes_a_killed_simulation_run(tiny_corpus, tmp_path):
     """Checkpoints are interchangeable: a one-process 2-core run killed mid-way and resumed by
     2 torchrun ranks ends where the uninterrupted one-process run ends."""
-    import signal
-    import time
-
-    from test_trainer import _cli, _overrides
+    from test_trainer import _cli, _overrides, kill_when_checkpointed
 
     corpus, _, _ = tiny_corpus
     steps = 6
@@ -211,17 +208,7 @@ def test_torchrun_resumes_a_killed_simulation_run(tiny_corpus, tmp_path):
     ref = _cli(["train", "configs/pcc.yaml", *over(tmp_path / "ref")])
     assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()[-2000:]
     run = tmp_path / "killed"
-    p = _cli(["train", "configs/pcc.yaml", *over(run)])
-    killed_at, deadline = None, time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (run / "last.pt").exists():
-            step = torch.load(run / "last.pt", weights_only=False)["position"]["step"]
-            if step >= 2:
-                p.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    p.wait()
+    killed_at = kill_when_checkpointed(_cli(["train", "configs/pcc.yaml", *over(run)]), run, 2)
     assert killed_at is not None and killed_at < steps, "run ended before it could be killed"
     out = torchrun(2, ["-m", "privasr.cli", "train", "configs/pcc.yaml", *over(run)]).stdout
     assert "resumed from" in out
