@@ -57,7 +57,14 @@ VARIANTS = ("nonprivate", "per_example", "microbatch", "per_example_vmap", "opac
             "opacus_ghost")
 ENGINE = "bookkeeping"      # privasr's per-example engine for per_example / microbatch
 BASELINE = "nonprivate"
-OUT = Path(__file__).parent / "results" / "clipping_overhead.json"
+OUT = Path(__file__).parent / "results" / "clipping_overhead.json"      # CPU
+OUT_CUDA = Path(__file__).parent / "results" / "clipping_overhead_cuda.json"
+DEVICE = torch.device("cpu")          # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 CLIP, SIGMA, MICRO = 1.0, 1.0, 4
 
 
@@ -88,7 +95,7 @@ def build_model(size: str, init: dict | None = None) -> ConformerCTC:
     m = ConformerCTC(config_for(size, vocab_size=29, dropout=0.0))
     if init is not None:
         m.load_state_dict(init)
-    return m.train()
+    return m.to(DEVICE).train()
 
 
 def _opacus_loader(batch_size: int):
@@ -236,9 +243,26 @@ def _status_kb(key: str) -> int:
 
 
 def memory_child(a: argparse.Namespace) -> None:
+    global DEVICE
+    DEVICE = torch.device(a.device)
     torch.set_num_threads(a.threads)
-    batch = make_batch(a.batch, a.seconds, torch.device("cpu"))
+    batch = make_batch(a.batch, a.seconds, DEVICE)
     _, step, _ = build_variant(a.memory_variant, a.size, batch)
+    if DEVICE.type == "cuda":      # CUDA: torch's allocator peak, not the process RSS
+        _sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        _sync()
+        peak = torch.cuda.max_memory_allocated()
+        print("MEMORY_JSON " + json.dumps({
+            "variant": a.memory_variant, "rss_after_build_mib": base / 2 ** 20,
+            "vmhwm_mib": peak / 2 ** 20, "peak_minus_build_mib": (peak - base) / 2 ** 20,
+            "steps": 3, "wall_s_3_steps": time.perf_counter() - t0,
+            "measure": "torch.cuda.max_memory_allocated"}))
+        return
     rss_build = _status_kb("VmRSS")
     t0 = time.perf_counter()
     for _ in range(3):
@@ -255,7 +279,7 @@ def measure_memory(a: argparse.Namespace, variants: list[str]) -> dict:
     for v in variants:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-variant", v,
                "--size", a.size, "--batch", str(a.batch), "--seconds", str(a.seconds),
-               "--threads", str(a.threads)]
+               "--threads", str(a.threads), "--device", a.device]
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
         if r.returncode or not line:
@@ -333,13 +357,17 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--device", default="cpu", help="cpu (the issue's target) or cuda")
+    ap.add_argument("--out", default=None, help="default: results/clipping_overhead[_cuda].json")
     a = ap.parse_args()
     if a.memory_variant:
         return memory_child(a)
 
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    a.out = a.out or str(OUT_CUDA if DEVICE.type == "cuda" else OUT)
     torch.set_num_threads(a.threads)
-    batch = make_batch(a.batch, a.seconds, torch.device("cpu"))
+    batch = make_batch(a.batch, a.seconds, DEVICE)
     import opacus
     probe = build_model(a.size)
     info = {
@@ -349,7 +377,9 @@ def main() -> None:
                     "processor": _cpu_model(), "cpu_count": os.cpu_count(),
                     "cores_available": len(os.sched_getaffinity(0)),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "opacus": opacus.__version__, "device": "cpu"},
+                    "opacus": opacus.__version__, "device": str(DEVICE),
+                    "gpu": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+                            else None)},
         "settings": {"model": a.size, "params": count_parameters(probe), "dropout": 0.0,
                      "batch": a.batch, "seconds_per_utt": a.seconds,
                      "frames": batch.feats.shape[1], "target_len": batch.targets.shape[1],
@@ -387,8 +417,10 @@ def main() -> None:
     names = [v for v in a.variants if v in steps]
 
     def timed(v: str) -> tuple[float, float]:
+        _sync()
         w, c = time.perf_counter(), time.process_time()
         steps[v]()
+        _sync()
         return time.perf_counter() - w, time.process_time() - c
 
     print(f"warm-up ({a.warmup} steps each) ...")

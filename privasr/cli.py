@@ -1,4 +1,5 @@
-"""The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe."""
+"""The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe |
+audit {make-canaries,run} | dp-peft | fl."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def _corpus_synth(a: argparse.Namespace) -> int:
 
     t = time.time()
     cfg = SynthConfig(hours=a.hours, seed=a.seed, speakers=a.speakers)
+    if a.domain:
+        from privasr.data.domains import domain_config
+
+        cfg = domain_config(a.domain, hours=a.hours, speakers=a.speakers, seed=a.seed)
     summary = synthesize_corpus(a.out, cfg, workers=a.workers, force=a.force)
     wall = time.time() - t
     audio = sum(summary["hours"].values()) * 3600
@@ -84,6 +89,18 @@ def _pcc_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fl(a: argparse.Namespace) -> int:
+    from privasr.federated.config import load_fl_config
+
+    cfg = load_fl_config(a.config, a.overrides)
+    from privasr.federated.app import run_simulation_fl  # sets Flower's environment first
+
+    res = run_simulation_fl(cfg)
+    print(json.dumps({k: res[k] for k in ("clipping", "server_optimizer", "epsilon", "delta",
+                                          "rounds", "test_wer", "test_cer", "stopped")}, indent=1))
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from privasr.demo import run_demo
 
@@ -107,6 +124,12 @@ def _transcribe(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dp_peft(a: argparse.Namespace) -> int:
+    from privasr.peft.experiment import main as experiment
+
+    return experiment([a.config, *a.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privasr", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--force", action="store_true", help="rebuild over a corpus with other settings")
+    s.add_argument("--domain", choices=("public", "private"),
+                   help="a side of the public/private split (privasr.data.domains)")
     s.set_defaults(fn=_corpus_synth)
     st = cs.add_parser("stats", help="hours, utterances, speakers, vocabulary of manifests")
     st.add_argument("manifests", nargs="+")
@@ -151,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", help="auto | cpu | cuda")
     pe.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     pe.set_defaults(fn=_pcc_experiment)
+    dp = sub.add_parser("dp-peft", help="DP fine-tuning experiment: WER x ε x PEFT method")
+    dp.add_argument("config", help="experiment YAML, e.g. configs/dp_peft.yaml")
+    dp.add_argument("overrides", nargs="*", help="key=value, e.g. device=cuda finetune_steps=300")
+    dp.set_defaults(fn=_dp_peft)
+    f = sub.add_parser("fl", help="federated learning with user-level DP (Flower simulation)")
+    f.add_argument("config", help=f"FL recipe YAML (see {CONFIG_DIR}/fl_dp.yaml)")
+    f.add_argument("overrides", nargs="*")
+    f.set_defaults(fn=_fl)
 
     e = sub.add_parser("eval", help="WER/CER of a checkpoint on a manifest")
     e.add_argument("checkpoint")
@@ -166,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("checkpoint")
     tr.add_argument("audio", nargs="+")
     tr.set_defaults(fn=_transcribe)
+
+    from privasr.audit.cli import add_audit_parser
+    add_audit_parser(sub)
     return p
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from privasr.peft.config import FinetuneConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
@@ -27,6 +29,7 @@ class DataConfig:
     max_dev_utts: int = 200
     on_error: str = "raise"  # or "skip" (bad utterances counted and reported)
     feature_workers: int = 2
+    synth_domain: str = ""  # "public" | "private": a side of privasr.data.domains' split
 
 
 @dataclass
@@ -73,6 +76,8 @@ class PrivacyConfig:
 
     policy: dict = field(default_factory=dict)
     engine: str = "auto"  # auto | bookkeeping | vectorized | reference
+    # examples whose per-example gradients are held at once (memory: chunk × trainable params)
+    engine_chunk: int = 16
     sampling: str = "bucket"  # bucket (duration-bucketed epochs) | poisson (what DP assumes)
     expected_batch_size: float = 16.0  # Poisson: q = expected_batch_size / N
     max_physical: int = 16  # examples per physical batch (memory bound); noise once per step
@@ -82,6 +87,13 @@ class PrivacyConfig:
     delta: float | None = None  # default 1/N (N = training utterances)
     accounting: str = "pld"  # pld | rdp (dp-accounting)
     secure_noise: bool = False  # noise from os.urandom instead of a seeded generator
+
+
+@dataclass
+class AuditConfig:
+    # canary manifest from `privasr audit make-canaries`: its inserted canaries join the
+    # training set (each r times); held-out ones and dev/test never see them
+    canaries: str = ""
 
 
 @dataclass
@@ -97,6 +109,12 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    # fine-tuning: init=CKPT loads a pre-trained encoder (new CTC head); peft=METHOD picks
+    # what is trained: none | full | head | bitfit | lora | rp | adapters (privasr.peft)
+    init: str = ""
+    peft: str = "none"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_every: int = 250
     ckpt_every: int = 250
     log_every: int = 10

@@ -19,6 +19,7 @@ from privasr.decoding.ctc import beam_search, greedy_decode
 from privasr.decoding.lm import Lexicon, WordNgramLM
 from privasr.decoding.metrics import error_report
 from privasr.models.conformer import ConformerConfig, ConformerCTC
+from privasr.peft.apply import rebuild
 from privasr.train.checkpoint import load_checkpoint
 from privasr.train.evaluate import predict
 
@@ -28,6 +29,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[ConformerCTC, lis
     if not ck.get("model_config"):
         raise ValueError(f"{path}: checkpoint has no model_config")
     model = ConformerCTC(ConformerConfig(**ck["model_config"]))
+    rebuild(model, ck.get("config") or {})      # LoRA / adapter modules of a PEFT checkpoint
     model.load_state_dict(ck["model"])
     model.eval()
     return model.to(device), list(ck["vocab"])

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from privasr.data.dataset import Batch
 
-__all__ = ["SUPPORTED", "hooked_per_example_grads", "check_supported"]
+__all__ = ["SUPPORTED", "hooked_per_example_grads", "hooked_clipped_sum", "check_supported"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
@@ -129,12 +129,11 @@ def _module_grads(mod: nn.Module, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
     return _conv(mod, x, gy)
 
 
-# -- the engine's per-example gradient provider ---------------------------------------------------
-def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
-                             loss_fn: LossFn, check_losses: Callable[[Tensor, int], Tensor]
-                             ) -> tuple[dict[str, Tensor], Tensor]:
-    """({name: (B, *shape)} per-example gradients of ``loss_fn``'s (B,) losses, the losses)."""
-    n = len(batch)
+# -- one forward + activation-only backward -------------------------------------------------------
+def _capture(model: nn.Module, batch: Batch, loss_fn: LossFn,
+             check_losses: Callable[[Tensor, int], Tensor], want: bool
+             ) -> tuple[list[tuple[_Calls, list[tuple[Tensor, Tensor]]]], Tensor]:
+    """[(module record, [(x, ∂L/∂y) per call])], (B,) losses."""
     calls = {name: _Calls(mod, f"{name}." if name else "")
              for name, mod in check_supported(model).items()}
 
@@ -148,7 +147,7 @@ def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], 
 
     handles = [rec.module.register_forward_hook(hook(rec)) for rec in calls.values()]
     try:
-        losses = check_losses(loss_fn(model, batch), n)
+        losses = check_losses(loss_fn(model, batch), len(batch))
     finally:
         for h in handles:
             h.remove()
@@ -157,24 +156,90 @@ def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], 
         if rec.outputs[i]._version != rec.versions[i]:
             raise RuntimeError(f"engine 'bookkeeping': the output of {rec.prefix[:-1]!r} was "
                                f"modified in place after its forward; use engine='vectorized'")
-    if params and not recs:
+    if want and not recs:
         raise RuntimeError("the loss does not depend on any hooked module output: loss_fn must "
                            "get its outputs by calling model(...) on the batch")
     out_grads = torch.autograd.grad(losses.sum(), [rec.outputs[i] for rec, i in recs],
                                     allow_unused=True) if recs else ()
-
-    grads: dict[str, Tensor] = {}
+    per_module: dict[int, tuple[_Calls, list[tuple[Tensor, Tensor]]]] = {}
     for (rec, i), gy in zip(recs, out_grads):
-        if gy is None:
-            continue
-        x = rec.inputs[i]
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        for pname, g in _module_grads(rec.module, x.to(dtype), gy.to(dtype)).items():
-            key = rec.prefix + pname
-            if key in params:
-                grads[key] = grads[key] + g if key in grads else g
+        if gy is not None:
+            x = rec.inputs[i]
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            per_module.setdefault(id(rec), (rec, []))[1].append((x.to(dtype), gy.to(dtype)))
     for rec in calls.values():
         rec.inputs.clear(), rec.outputs.clear()
+    return list(per_module.values()), losses.detach()
+
+
+def _summed_grads(rec: _Calls, pairs: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for x, gy in pairs:
+        for pname, g in _module_grads(rec.module, x, gy).items():
+            out[pname] = out[pname] + g if pname in out else g
+    return out
+
+
+def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
+                             loss_fn: LossFn, check_losses: Callable[[Tensor, int], Tensor]
+                             ) -> tuple[dict[str, Tensor], Tensor]:
+    """({name: (B, *shape)} per-example gradients of ``loss_fn``'s (B,) losses, the losses)."""
+    n = len(batch)
+    modules, losses = _capture(model, batch, loss_fn, check_losses, bool(params))
+    grads = {rec.prefix + k: g for rec, pairs in modules
+             for k, g in _summed_grads(rec, pairs).items() if rec.prefix + k in params}
     return ({k: grads[k].to(p.dtype) if k in grads
              else torch.zeros(n, *p.shape, dtype=p.dtype, device=p.device)
-             for k, p in params.items()}, losses.detach())
+             for k, p in params.items()}, losses)
+
+
+def hooked_clipped_sum(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
+                       loss_fn: LossFn, check_losses: Callable[[Tensor, int], Tensor],
+                       names: tuple[str, ...], factors: Callable[[Tensor], Tensor],
+                       sums: dict[str, Tensor]) -> Tensor:
+    """Add Σ_i clip(g_i) of one batch (unit = example) to ``sums``; return the (B,) losses.
+
+    Two passes over the captured (x, ∂L/∂y), never holding B × (all parameters): a Linear
+    weight's per-example gradients are built one layer at a time, only to take their norms;
+    the clipped sum is then ONE matrix product per layer with ∂L/∂y scaled per example,
+    Σ_i f_i (∂L_i/∂y_i)ᵀ x_i. Small tensors (biases, norms, convolutions, layers called twice)
+    keep their per-example gradients. ``factors`` maps the (B, L) squared per-tensor norms of
+    ``names`` to the (B, L) clipping factors (``_UnitClipper.factors``).
+    """
+    n = len(batch)
+    modules, losses = _capture(model, batch, loss_fn, check_losses, bool(params))
+    kept: dict[str, Tensor] = {}
+    sq: dict[str, Tensor] = {}
+    deferred: dict[str, tuple[Tensor, Tensor]] = {}       # Linear weight -> (x3, g3)
+    for rec, pairs in modules:
+        mod = rec.module
+        if isinstance(mod, nn.Linear) and len(pairs) == 1 and mod.weight.requires_grad:
+            x, gy = pairs[0]
+            x3, g3 = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
+            key = rec.prefix + "weight"
+            sq[key] = torch.bmm(g3.transpose(1, 2), x3).square().sum((1, 2))
+            deferred[key] = (x3, g3)
+            if mod.bias is not None and mod.bias.requires_grad:
+                kept[rec.prefix + "bias"] = g3.sum(1)
+            continue
+        for k, g in _summed_grads(rec, pairs).items():
+            if rec.prefix + k in params:
+                kept[rec.prefix + k] = g
+    for k, g in kept.items():
+        sq[k] = g.flatten(1).square().sum(1)
+    if not names:
+        return losses
+    ref = next(iter(params.values()))
+    zero = torch.zeros(n, dtype=torch.float32, device=ref.device)
+    f = factors(torch.stack([sq.get(k, zero).float() for k in names], dim=1))     # (B, L)
+    for j, k in enumerate(names):
+        w = f[:, j]
+        if k in deferred:
+            x3, g3 = deferred[k]
+            g = (g3 * w.to(g3.dtype)[:, None, None]).flatten(0, 1).t() @ x3.flatten(0, 1)
+        elif k in kept:
+            g = torch.tensordot(w.to(kept[k].dtype), kept[k], dims=1)
+        else:
+            continue
+        sums[k] += g.to(sums[k].dtype)
+    return losses

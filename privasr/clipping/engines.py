@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from privasr.clipping.bookkeeping import check_supported, hooked_per_example_grads
+from privasr.clipping.bookkeeping import (check_supported, hooked_clipped_sum,
+                                          hooked_per_example_grads)
 from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
 from privasr.data.dataset import Batch
 
@@ -365,11 +366,20 @@ class _UnitClipper:
             self.layer_c = torch.tensor(spec.layer_bounds, dtype=ref.dtype, device=ref.device)
 
     def add(self, g: dict[str, Tensor]) -> None:
+        """Clip the stacked unit gradients ``g`` and add them to the sums."""
         names = self.spec.names
         if not names:
             return
         sq = torch.stack([torch.linalg.vector_norm(g[n].flatten(1), dim=1) for n in names],
                          dim=1).square()                                            # (U, L)
+        factors = self.factors(sq)
+        for j, n in enumerate(names):
+            self.sums[n] += torch.tensordot(factors[:, j].to(g[n].dtype), g[n], dims=1)
+
+    def factors(self, sq: Tensor) -> Tensor:
+        """(U, L) factors f with clip(g_u)_l = f_ul · g_ul, from the (U, L) squared per-tensor
+        norms; records the units' norms and clipped flags. The caller adds Σ_u f_ul · g_ul."""
+        names = self.spec.names
         total = sq.sum(1).sqrt()
         self.norms.append(total.detach().double().cpu())
         mode, c = self.spec.mode, self.c
@@ -380,23 +390,19 @@ class _UnitClipper:
             else:
                 f = (c / total).clamp(max=1.0)          # total = 0 -> inf -> 1
                 self.flags.append((total > c).cpu())
-            factors = f[:, None].expand(-1, len(names))
-        elif mode == "uniform":
+            return f[:, None].expand(-1, len(names))
+        if mode == "uniform":
             layer = sq.sqrt()
             rescale = torch.where(layer > UNIFORM_ZERO_RTOL * total[:, None],
                                   1.0 / root_l / (layer + UNIFORM_EPS), torch.zeros_like(layer))
             if self.adaptive:
-                factors = rescale
-            else:
-                keep = total < c
-                factors = torch.where(keep[:, None], torch.ones_like(rescale), c * rescale)
-                self.flags.append((~keep).cpu())
-        else:
-            layer = sq.sqrt()
-            factors = (self.layer_c[None, :] / layer).clamp(max=1.0)
-            self.flags.append((layer > self.layer_c[None, :]).any(1).cpu())
-        for j, n in enumerate(names):
-            self.sums[n] += torch.tensordot(factors[:, j].to(g[n].dtype), g[n], dims=1)
+                return rescale
+            keep = total < c
+            self.flags.append((~keep).cpu())
+            return torch.where(keep[:, None], torch.ones_like(rescale), c * rescale)
+        layer = sq.sqrt()
+        self.flags.append((layer > self.layer_c[None, :]).any(1).cpu())
+        return (self.layer_c[None, :] / layer).clamp(max=1.0)
 
     def finish(self, loss_sum: float, examples: int) -> ClipResult:
         norms = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)
@@ -417,6 +423,7 @@ class VectorizedEngine(Engine):
     """Per-example gradients, ``chunk_size`` examples at a time, clipped with tensor ops."""
 
     name = "vectorized"
+    direct_chunk: int | None = None     # chunk for unit=example (None: chunk_size)
 
     def __init__(self, *, chunk_size: int = 16) -> None:
         if chunk_size < 1:
@@ -427,6 +434,13 @@ class VectorizedEngine(Engine):
                     loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
         """({name: (B, *shape)} per-example gradients, (B,) losses) of one chunk."""
         return per_example_grads(model, params, batch, loss_fn)
+
+    def clip_chunk(self, model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
+                   loss_fn: LossFn, clipper: "_UnitClipper") -> Tensor:
+        """Add the clipped per-example gradients of one chunk to ``clipper``; return losses."""
+        g, losses = self.per_example(model, params, batch, loss_fn)
+        clipper.add(g)
+        return losses
 
     def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
         params = trainable_parameters(model)
@@ -458,18 +472,19 @@ class VectorizedEngine(Engine):
             counts = torch.zeros(groups, dtype=torch.long)
         pos = 0
         for b in batches:
-            for start in range(0, len(b), self.chunk_size):
-                sub = _rows(b, start, min(len(b), start + self.chunk_size))
+            chunk = self.chunk_size if grouped or self.direct_chunk is None else self.direct_chunk
+            for start in range(0, len(b), chunk):
+                sub = _rows(b, start, min(len(b), start + chunk))
+                if not grouped:         # unit = example: clip chunk by chunk
+                    loss_sum += float(self.clip_chunk(model, params, sub, loss_fn, clipper).sum())
+                    continue
                 g, losses = self.per_example(model, params, sub, loss_fn)
                 loss_sum += float(losses.sum())
-                if grouped:
-                    idx = unit_of[pos:pos + len(sub)]
-                    counts.index_add_(0, idx, torch.ones_like(idx))
-                    idx = idx.to(dev)
-                    for k in sums:
-                        sums[k].index_add_(0, idx, g[k])
-                else:
-                    clipper.add(g)
+                idx = unit_of[pos:pos + len(sub)]
+                counts.index_add_(0, idx, torch.ones_like(idx))
+                idx = idx.to(dev)
+                for k in sums:
+                    sums[k].index_add_(0, idx, g[k])
                 pos += len(sub)
                 del g
         if grouped:
@@ -489,9 +504,16 @@ class BookkeepingEngine(VectorizedEngine):
     products. Linear / Conv1d / Conv2d / LayerNorm modules only (others raise TypeError)."""
 
     name = "bookkeeping"
+    # unit=example: the whole physical batch at once (memory is per layer, not B × params);
+    # chunk_size bounds the B × params per-example gradients of micro-batch / core units
+    direct_chunk = 1 << 30
 
     def per_example(self, model, params, batch, loss_fn):
         return hooked_per_example_grads(model, params, batch, loss_fn, _check_losses)
+
+    def clip_chunk(self, model, params, batch, loss_fn, clipper):
+        return hooked_clipped_sum(model, params, batch, loss_fn, _check_losses,
+                                  clipper.spec.names, clipper.factors, clipper.sums)
 
 
 @register_engine

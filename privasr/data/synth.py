@@ -45,9 +45,18 @@ class SynthConfig:
     max_words: int = 25
     ctc_subsampling: int = 4
     version: int = FORMAT_VERSION
+    # a subset of espeak.VOICES (empty: all) and the speaker-id prefix; used by the
+    # public/private domain split (privasr.data.domains). Left out of the cache key at their
+    # defaults, so corpora built before they existed stay valid.
+    voices: tuple[str, ...] = ()
+    speaker_prefix: str = "spk"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        for k, default in (("voices", []), ("speaker_prefix", "spk")):
+            if d[k] == default or d[k] == tuple(default):
+                del d[k]
+        return json.dumps(d, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,17 @@ class CorpusExistsError(RuntimeError):
 
 
 def make_speakers(n: int, rng: random.Random, pitch_range: tuple[int, int],
-                  rate_range: tuple[int, int]) -> list[Speaker]:
+                  rate_range: tuple[int, int], voices: tuple[str, ...] = (),
+                  prefix: str = "spk") -> list[Speaker]:
     """``n`` distinct speakers: every (voice, variant) pair at most once, random pitch/rate."""
-    pairs = [(v, var) for v in VOICES for var in list_variants()]
+    unknown = sorted(set(voices) - set(VOICES))
+    if unknown:
+        raise ValueError(f"unknown voice(s) {unknown}; valid: {', '.join(VOICES)}")
+    pairs = [(v, var) for v in (voices or VOICES) for var in list_variants()]
     if n > len(pairs):
         raise ValueError(f"at most {len(pairs)} distinct speakers are available, asked for {n}")
     rng.shuffle(pairs)
-    return [Speaker(id=f"spk{i:04d}", voice=v, variant=var, pitch=rng.randint(*pitch_range),
+    return [Speaker(id=f"{prefix}{i:04d}", voice=v, variant=var, pitch=rng.randint(*pitch_range),
                     rate=rng.randint(*rate_range))
             for i, (v, var) in enumerate(pairs[:n])]
 
@@ -84,7 +97,8 @@ def plan_corpus(cfg: SynthConfig) -> list[PlannedUtt]:
     rng = random.Random(cfg.seed)
     sentences = load_sentences(cfg.sources, min_words=cfg.min_words, max_words=cfg.max_words)
     rng.shuffle(sentences)
-    speakers = make_speakers(cfg.speakers, rng, cfg.pitch_range, cfg.rate_range)
+    speakers = make_speakers(cfg.speakers, rng, cfg.pitch_range, cfg.rate_range,
+                             tuple(cfg.voices), cfg.speaker_prefix)
     fractions = {"test": cfg.test_fraction, "dev": cfg.dev_fraction}
     n_spk = {k: max(2, round(f * len(speakers))) for k, f in fractions.items()}
     n_spk["train"] = len(speakers) - n_spk["test"] - n_spk["dev"]

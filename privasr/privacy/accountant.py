@@ -65,6 +65,7 @@ adjacency is not offered here.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import math
@@ -239,9 +240,21 @@ def _epsilon_cached(segments: tuple[tuple[int, float, float], ...], delta: float
             for steps, sigma, q in segments
         ]
         acc = dp_accounting.rdp.RdpAccountant()
-        acc.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
-        eps = acc.get_epsilon(delta)
+        with _quiet_absl():   # "failed to converge ... Excluding this order": harmless, noisy
+            acc.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
+            eps = acc.get_epsilon(delta)
     return max(0.0, float(eps))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    from absl import logging as absl_logging
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(before)
 
 
 def _clean_segments(segments: Iterable[Sequence[float]], sensitivity_factor: float

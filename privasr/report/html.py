@@ -66,9 +66,11 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[str, Any]]],
-                 notes: str = "", figures: dict[str, str] | None = None) -> Path:
-    """Write ``run_dir/report.html`` with the given tables, the run's curves and ``figures``
-    (extra base64 PNGs by title)."""
+                 notes: str = "", sections: list[str] = (),
+                 figures: dict[str, str] | None = None) -> Path:
+    """Write ``run_dir/report.html`` with the given tables, the run's curves, ``figures``
+    (title -> base64 PNG) and extra HTML ``sections`` (e.g.
+    ``privasr.audit.report.memorization_section``)."""
     run_dir = Path(run_dir)
     figs = {**training_figures(run_dir), **(figures or {})}
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -78,6 +80,7 @@ def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[st
         parts.append(f"<h2>{html.escape(name)}</h2>{_table(rows)}")
     for name, b64 in figs.items():
         parts.append(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{b64}">')
+    parts.extend(sections)
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

@@ -13,11 +13,14 @@ from privasr.config import TrainConfig, to_dict
 from privasr.data.dataset import AsrDataset, compute_features
 from privasr.data.features import FeatureConfig
 from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
+from privasr.data.domains import domain_config
 from privasr.data.synth import SynthConfig, synthesize_corpus
 from privasr.data.tokenizer import CharTokenizer
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters
 from privasr.train.evaluate import evaluate
+from privasr.peft.apply import finish_peft, prepare_model
 from privasr.train.strategies import build_setup
+from privasr.train.timing import TimedGradient
 from privasr.train.trainer import Trainer, pick_device, set_threads
 
 
@@ -33,10 +36,15 @@ def ensure_corpus(cfg: TrainConfig, log=print) -> None:
     if cfg.data.train or all(p.exists() for p in paths.values()):
         return
     log(f"building the embedded corpus in {cfg.data.corpus_dir} "
-        f"({cfg.data.synth_hours} h, {cfg.data.synth_speakers} speakers)")
-    summary = synthesize_corpus(cfg.data.corpus_dir, SynthConfig(
-        hours=cfg.data.synth_hours, speakers=cfg.data.synth_speakers, seed=cfg.seed),
-        workers=cfg.data.feature_workers, progress=cfg.progress)
+        f"({cfg.data.synth_hours} h, {cfg.data.synth_speakers} speakers"
+        f"{', ' + cfg.data.synth_domain + ' domain' if cfg.data.synth_domain else ''})")
+    synth_cfg = SynthConfig(hours=cfg.data.synth_hours, speakers=cfg.data.synth_speakers,
+                            seed=cfg.seed)
+    if cfg.data.synth_domain:
+        synth_cfg = domain_config(cfg.data.synth_domain, hours=cfg.data.synth_hours,
+                                  speakers=cfg.data.synth_speakers, seed=cfg.seed)
+    summary = synthesize_corpus(cfg.data.corpus_dir, synth_cfg,
+                                workers=cfg.data.feature_workers, progress=cfg.progress)
     log(f"corpus: {json.dumps(summary)}")
 
 
@@ -85,15 +93,22 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         train_ds = load_split(paths["train"], cfg, tok, report, speeds=cfg.augment.speed_perturb)
         dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
         test_ds = load_split(paths["test"], cfg, tok, report)
+        canary_info = None
+        if cfg.audit.canaries:  # memorization audit: inserted canaries (×r) join training only
+            from privasr.audit.insertion import add_canaries
+            train_ds, canary_info = add_canaries(train_ds, cfg.audit.canaries, tok,
+                                                 others={"dev": dev_ds, "test": test_ds},
+                                                 log=log)
     if report.total:
         log(f"data: {report.summary()}")
     if len(train_ds) == 0:
         raise ValueError(f"no usable training utterances in {paths['train']}")
     model = build_model(cfg, tok.vocab_size)
+    peft = prepare_model(cfg, model, log)       # init=CKPT (pre-trained encoder) and peft=...
     vocab = list(tok.symbols)
     setup = build_setup(cfg, train_ds)
     strategy, shard = D.distribute_setup(setup, cfg, ctx)
-    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=strategy,
+    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(strategy),
                       plan=setup.plan, dist=ctx, shard=shard)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     if ctx is None or ctx.is_main:
@@ -130,6 +145,9 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "test_speakers": len({u.speaker for u in test_ds.utts}),
         "stopped": res.stopped, "privacy": privacy,
         "clip_policy": setup.policy.to_dict() if setup.policy is not None else None,
+        "canaries": canary_info,
+        "trainable_params": count_parameters(model), "step_seconds":
+        trainer.strategy.median_seconds(), "peft": finish_peft(cfg, trainer, peft),
         "world_size": 1 if ctx is None else ctx.world_size,
     }
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))

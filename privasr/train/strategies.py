@@ -115,5 +115,7 @@ def build_setup(cfg: TrainConfig, train_ds: AsrDataset) -> TrainingSetup:
     else:
         policy = ClipPolicy.from_dict(fields)
     gen = None if pc.secure_noise else torch.Generator().manual_seed(cfg.seed + 7919)
-    clipped = ClippedGradient(policy, pc.engine, generator=gen, secure_noise=pc.secure_noise)
+    chunk = {} if pc.engine == "reference" else {"chunk_size": pc.engine_chunk}
+    clipped = ClippedGradient(policy, pc.engine, generator=gen, secure_noise=pc.secure_noise,
+                              **chunk)
     return TrainingSetup(PrivateGradient(clipped, ledger, gen), plan, ledger, policy)

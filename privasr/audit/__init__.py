@@ -1,0 +1,1 @@
+"""Memorization audit: sped-up random-word canaries, scoring, exposure, one-run ε lower bound."""

@@ -1,0 +1,136 @@
+"""The ``privasr fl`` recipe: a YAML file with ``key=value`` overrides, like ``privasr train``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privasr.config import (AugmentConfig, BatchConfig, ConfigError, DataConfig, ModelConfig,
+                            OptimConfig, TrainConfig, load_config)
+
+__all__ = ["LocalConfig", "ServerConfig", "DPConfig", "SimulationConfig", "FLConfig",
+           "load_fl_config", "local_train_config", "CLIPPINGS", "SERVER_OPTIMIZERS"]
+
+CLIPPINGS = ("global", "per_layer", "per_layer_uniform")
+SERVER_OPTIMIZERS = ("fedavg", "adam", "lamb")
+
+
+@dataclass
+class LocalConfig:
+    """What one client (one speaker) does with the server model in a round."""
+
+    epochs: int = 1            # passes over the speaker's utterances
+    max_steps: int = 0         # cap on local steps (0: no cap)
+    optimizer: str = "sgd"     # sgd | adamw
+    lr: float = 0.05
+    max_grad_norm: float = 1.0  # ordinary per-step clipping of the local batch gradient
+    max_seconds: float = 60.0  # padded audio seconds per local batch
+    max_utts: int = 16
+    specaugment: bool = False
+
+
+@dataclass
+class ServerConfig:
+    rounds: int = 20
+    cohort_size: float = 8.0   # E[cohort] (poisson) or the exact cohort size (fixed)
+    sampling: str = "poisson"  # poisson (what the accountant assumes) | fixed (σ = 0 only)
+    optimizer: str = "fedavg"  # fedavg | adam | lamb
+    lr: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    round_timeout: float = 0.0  # seconds to wait for replies (0: wait for all of them)
+
+
+@dataclass
+class DPConfig:
+    """Clipping of client deltas and the Gaussian noise on their sum (user-level DP)."""
+
+    clipping: str = "global"   # global | per_layer | per_layer_uniform
+    clip_norm: float | None = 1.0   # C (global, per_layer_uniform)
+    layer_bounds: dict = field(default_factory=dict)  # per_layer: {param-name pattern: C_l}
+    noise_multiplier: float | None = None  # σ; None: calibrated to target_epsilon
+    target_epsilon: float | None = None    # None with noise_multiplier None: σ = 0 (no DP)
+    delta: float | None = None             # default 1/N (N = client speakers)
+    accounting: str = "pld"                # pld | rdp (dp-accounting)
+    secure_noise: bool = False
+
+
+@dataclass
+class SimulationConfig:
+    """Flower Simulation Runtime (Ray backend) resources."""
+
+    num_cpus: int = 1          # CPUs Ray may use on this machine
+    client_cpus: float = 1.0   # per ClientApp: num_cpus / client_cpus clients run at once
+    client_gpus: float = 0.0
+
+
+@dataclass
+class FLConfig:
+    out_dir: str = "runs/fl"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    init_checkpoint: str = ""  # seed model: a `privasr train` checkpoint (last.pt)
+    data: DataConfig = field(default_factory=DataConfig)  # train = the FL speakers' manifest
+    model: ModelConfig = field(default_factory=ModelConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    eval_every: int = 5        # central WER on the test speakers every this many rounds
+    max_test_utts: int = 0     # 0: the whole test manifest
+    extrapolate_populations: list[float] = field(default_factory=lambda: [1e4, 1e5, 1e6, 1e7])
+    extrapolate_delta: float = 1e-9
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"fl recipe: {msg}")
+
+        if self.dp.clipping not in CLIPPINGS:
+            raise bad(f"dp.clipping={self.dp.clipping!r}; valid: {', '.join(CLIPPINGS)}")
+        if self.server.optimizer not in SERVER_OPTIMIZERS:
+            raise bad(f"server.optimizer={self.server.optimizer!r}; valid: "
+                      f"{', '.join(SERVER_OPTIMIZERS)}")
+        if self.server.sampling not in ("poisson", "fixed"):
+            raise bad(f"server.sampling={self.server.sampling!r}; valid: poisson, fixed")
+        if self.local.optimizer not in ("sgd", "adamw"):
+            raise bad(f"local.optimizer={self.local.optimizer!r}; valid: sgd, adamw")
+        if self.server.rounds < 1 or self.server.cohort_size <= 0:
+            raise bad("server.rounds must be >= 1 and server.cohort_size > 0")
+        if self.local.epochs < 1 or self.local.max_steps < 0:
+            raise bad("local.epochs must be >= 1 and local.max_steps >= 0")
+        if self.eval_every < 1:
+            raise bad("eval_every must be >= 1")
+        if self.server.round_timeout < 0:
+            raise bad("server.round_timeout must be >= 0 (0: no timeout)")
+        if self.dp.clipping == "per_layer" and not self.dp.layer_bounds:
+            raise bad("dp.clipping=per_layer needs dp.layer_bounds {param-name pattern: C_l} "
+                      "(or use per_layer_uniform with dp.clip_norm)")
+        if self.dp.clipping != "per_layer" and self.dp.layer_bounds:
+            raise bad("dp.layer_bounds is only used with dp.clipping=per_layer")
+        if (self.dp.noise_multiplier is not None and self.dp.target_epsilon is not None):
+            raise bad("give dp.noise_multiplier or dp.target_epsilon (σ is calibrated to it), "
+                      "not both")
+        dp_on = bool(self.dp.noise_multiplier) or self.dp.target_epsilon is not None
+        if dp_on and self.server.sampling != "poisson":
+            raise bad("DP (σ > 0) needs server.sampling=poisson: the user-level accountant "
+                      "assumes each speaker joins a round independently with probability "
+                      "q = cohort_size / N")
+
+
+def load_fl_config(path: str | Path | None, overrides: list[str] = ()) -> FLConfig:
+    return load_config(path, list(overrides), cls=FLConfig)
+
+
+def local_train_config(cfg: FLConfig, *, out_dir: str, steps: int, seed: int) -> TrainConfig:
+    """The TrainConfig of one client's local update (the ordinary Trainer runs it)."""
+    loc = cfg.local
+    return TrainConfig(
+        out_dir=out_dir, seed=seed, device=cfg.device, threads=cfg.threads, data=cfg.data,
+        model=cfg.model,
+        optim=OptimConfig(lr=loc.lr, weight_decay=0.0, warmup_steps=0, max_steps=steps,
+                          min_lr_ratio=1.0, max_grad_norm=loc.max_grad_norm),
+        batch=BatchConfig(max_seconds=loc.max_seconds, max_utts=loc.max_utts),
+        augment=AugmentConfig(specaugment=loc.specaugment),
+        eval_every=10**9, ckpt_every=10**9, log_every=10**9, progress=False)

@@ -1,0 +1,280 @@
+"""The federated server's state and its round step, independent of the transport (Flower).
+
+    speakers = sorted speakers of the training manifest (N clients); q = E[cohort] / N
+    each round r:
+        ledger.check_before_step()                 refuse a round the budget cannot pay for
+        cohort = sample_cohort(r)                  Poisson over speakers (a function of seed, r)
+        deltas = the cohort's replies              failures / timeouts / invalid deltas dropped
+        Δ̄ = (Σ clip(Δ_c) + σ·C·ξ) / E[cohort]      privasr.federated.aggregate
+        server optimizer step on −Δ̄; ledger.record_step(); round += 1
+        atomic checkpoint: model, optimizer, ledger, round (what was released, together)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from privasr.clipping.noise import GaussianNoise
+from privasr.config import to_dict
+from privasr.data.manifest import SkipReport
+from privasr.data.tokenizer import CharTokenizer
+from privasr.federated.accounting import build_ledger, extrapolation_table
+from privasr.federated.aggregate import aggregate
+from privasr.federated.client import speakers_of
+from privasr.federated.clip import DeltaClipper, clip_policy
+from privasr.federated.cohort import sample_cohort, sample_rate
+from privasr.federated.config import FLConfig, local_train_config
+from privasr.federated.optim import apply_update, build_server_optimizer
+from privasr.models.conformer import count_parameters
+from privasr.privacy.ledger import PrivacyLedger
+from privasr.train.checkpoint import load_checkpoint, save_checkpoint
+from privasr.train.evaluate import evaluate
+from privasr.train.metrics_log import MetricsLogger
+from privasr.train.recipe import build_model, load_split, manifest_paths
+from privasr.train.trainer import pick_device
+
+__all__ = ["FLServer", "validate_delta"]
+
+CKPT_NAME = "server.pt"
+
+
+def validate_delta(delta: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]) -> str | None:
+    """Why a client's delta cannot be used (None if it can): names, shapes, finiteness."""
+    if set(delta) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(delta)), sorted(set(delta) - set(shapes))
+        return f"tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for n, s in shapes.items():
+        t = delta[n]
+        if tuple(t.shape) != tuple(s):
+            return f"{n}: shape {tuple(t.shape)} != {tuple(s)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"{n}: non-finite values"
+    return None
+
+
+def _noise_seed(seed: int, round_: int) -> int:
+    h = hashlib.blake2b(f"privasr-fl-noise/{seed}/{round_}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class FLServer:
+    """Model, server optimizer, clipper, ledger and round counter of one federated run."""
+
+    def __init__(self, cfg: FLConfig, log: Callable[[str], Any] = print) -> None:
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.speakers = speakers_of(manifest_paths(cfg)["train"])
+        self.population = len(self.speakers)
+        s = cfg.server
+        self.q = sample_rate(s.cohort_size, self.population)
+        self.expected_cohort = float(s.cohort_size if s.sampling == "poisson"
+                                     else round(s.cohort_size))
+        self.device = pick_device(cfg.device)
+        self.vocab = list(CharTokenizer().symbols)
+        self.model = build_model(cfg, len(self.vocab))
+        if cfg.init_checkpoint:
+            ck = load_checkpoint(cfg.init_checkpoint)
+            self.model.load_state_dict(ck["model"])
+        self.model.to(self.device)
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.shapes = {n: p.shape for n, p in params.items()}
+        d = cfg.dp
+        self.clipper = DeltaClipper(clip_policy(d.clipping, d.clip_norm, d.layer_bounds),
+                                    list(params))
+        self.optimizer = build_server_optimizer(s.optimizer, list(params.values()), lr=s.lr,
+                                                betas=s.betas, eps=s.eps,
+                                                weight_decay=s.weight_decay)
+        self.delta = float(d.delta) if d.delta is not None else 1.0 / self.population
+        self.ledger: PrivacyLedger | None = build_ledger(
+            noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon,
+            delta=self.delta, rounds=s.rounds, sample_rate=self.q, method=d.accounting)
+        self.noise_multiplier = self.ledger.noise_multiplier if self.ledger else 0.0
+        self.round = 0
+        self.history: list[dict] = []
+        self.metrics = MetricsLogger(self.out, tensorboard=False)
+        self._test_ds = None
+
+    # -- rounds ----------------------------------------------------------------------------
+    def cohort(self) -> list[str]:
+        """The speakers sampled for the current round."""
+        s = self.cfg.server
+        idx = sample_cohort(self.round, self.population, s.cohort_size, sampling=s.sampling,
+                            seed=self.cfg.seed)
+        return [self.speakers[i] for i in idx]
+
+    def check_budget(self) -> None:
+        """Raise PrivacyBudgetExceeded (a StopTraining) if one more round is over budget."""
+        if self.ledger is not None:
+            self.ledger.check_before_step()
+
+    def global_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def step(self, deltas: list[Mapping[str, Tensor]], *, sampled: int, failed: int,
+             seconds: float = math.nan) -> dict:
+        """Aggregate the valid deltas, apply the server optimizer, record the round."""
+        self.check_budget()
+        usable, invalid = [], 0
+        for dl in deltas:
+            why = validate_delta(dl, self.shapes)
+            if why is None:
+                usable.append(dl)
+            else:
+                invalid += 1
+                self.log(f"round {self.round}: client delta rejected: {why}")
+        gen = None if self.cfg.dp.secure_noise else torch.Generator().manual_seed(
+            _noise_seed(self.cfg.seed, self.round))
+        agg = aggregate(usable, self.clipper, noise_multiplier=self.noise_multiplier,
+                        expected_cohort=self.expected_cohort,
+                        noise=GaussianNoise(generator=gen, secure=self.cfg.dp.secure_noise),
+                        shapes=self.shapes)
+        apply_update(self.model, self.optimizer, agg.update)
+        if self.ledger is not None:
+            self.ledger.record_step()
+        self.round += 1
+        upd = math.sqrt(sum(float(u.double().pow(2).sum()) for u in agg.update.values()))
+        row = {"round": self.round, "sampled": sampled, "aggregated": agg.clients,
+               "failed": failed + invalid, "clipped": agg.clipped, "update_norm": upd,
+               "epsilon": self.epsilon(), "round_seconds": seconds}
+        self.history.append(row)
+        self.metrics.log("rounds", self.round, {k: v for k, v in row.items() if k != "round"})
+        return row
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon() if self.ledger is not None else math.inf
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate_test(self) -> dict[str, float]:
+        """WER/CER/loss on the test speakers (unseen by every client)."""
+        if self._test_ds is None:
+            cfg = self.cfg
+            tcfg = local_train_config(cfg, out_dir=str(self.out), steps=1, seed=cfg.seed)
+            self._test_ds = load_split(manifest_paths(cfg)["test"], tcfg, CharTokenizer(),
+                                       SkipReport(), limit=cfg.max_test_utts or None)
+        res = evaluate(self.model, self._test_ds, self.vocab, device=self.device)
+        self.metrics.log("test", self.round, res)
+        return res
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CKPT_NAME
+
+    def save(self) -> None:
+        """Model, optimizer, ledger and round in one atomic file: what was released so far."""
+        save_checkpoint(self.ckpt_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "round": self.round, "history": self.history,
+            "privacy_ledger": self.ledger.to_dict() if self.ledger else None,
+            "noise_multiplier": self.noise_multiplier, "config": to_dict(self.cfg),
+            "vocab": self.vocab,
+            "model_config": vars(self.model.cfg).copy() if hasattr(self.model, "cfg") else None,
+        })
+
+    def resume(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        ck = load_checkpoint(self.ckpt_path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.round, self.history = int(ck["round"]), list(ck["history"])
+        if ck["privacy_ledger"] is not None:
+            self.ledger = PrivacyLedger.from_dict(ck["privacy_ledger"])
+            self.noise_multiplier = self.ledger.noise_multiplier
+        self.metrics.truncate_after(self.round)
+        return True
+
+    # -- results ---------------------------------------------------------------------------
+    def describe(self) -> str:
+        d, s = self.cfg.dp, self.cfg.server
+        priv = (self.ledger.summary() if self.ledger else
+                "σ = 0: clipping only, no DP guarantee")
+        return (f"FL: {self.population} client speakers, E[cohort] = {self.expected_cohort:g} "
+                f"({s.sampling}, q = {self.q:.4g}), {s.rounds} rounds, clipping {d.clipping} "
+                f"(total bound C = {self.clipper.bound:.4g}), σ = {self.noise_multiplier:.4g}, "
+                f"server {s.optimizer} lr {s.lr:g}; model {self.cfg.model.size} "
+                f"{count_parameters(self.model):,} parameters; privacy: {priv}")
+
+    def results(self, test: Mapping[str, float], wall: float) -> dict:
+        cfg = self.cfg
+        eps = self.epsilon()
+        secs = [r["round_seconds"] for r in self.history if math.isfinite(r["round_seconds"])]
+        out = {
+            "clipping": cfg.dp.clipping, "server_optimizer": cfg.server.optimizer,
+            "epsilon": eps if math.isfinite(eps) else "inf", "delta": self.delta,
+            "privacy_unit": "speaker (user-level, one client = one speaker)",
+            "noise_multiplier": self.noise_multiplier, "clip_bound": self.clipper.bound,
+            "rounds": self.round, "population": self.population,
+            "expected_cohort": self.expected_cohort, "sample_rate": self.q,
+            "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
+            "mean_round_seconds": sum(secs) / len(secs) if secs else None,
+            "wall_seconds": wall, "failed_clients": sum(r["failed"] for r in self.history),
+            "history": self.history,
+            "privacy": self.ledger.to_dict() if self.ledger else None,
+        }
+        if self.noise_multiplier > 0:
+            out["extrapolation"] = extrapolation_table(
+                noise_multiplier=self.noise_multiplier, cohort=self.expected_cohort,
+                rounds=self.round, populations=cfg.extrapolate_populations,
+                delta=cfg.extrapolate_delta, method=cfg.dp.accounting)
+        return out
+
+    def write_results(self, results: dict) -> Path:
+        from privasr.atomic import atomic_write_text
+
+        path = self.out / "results.json"
+        atomic_write_text(path, json.dumps(results, indent=1))
+        return path
+
+    def finish(self) -> None:
+        self.metrics.close()
+
+
+def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[list, int]],
+               ) -> dict:
+    """The round loop for any transport: ``train_cohort(round, speakers) -> (deltas, failed)``."""
+    from privasr.train.stop import StopTraining
+
+    t0 = time.time()
+    cfg = server.cfg
+    if server.resume():
+        server.log(f"resumed from {server.ckpt_path} at round {server.round}")
+    server.log(server.describe())
+    stopped = None
+    while server.round < cfg.server.rounds:
+        try:
+            server.check_budget()
+        except StopTraining as e:
+            stopped = str(e)
+            server.log(f"stopping at round {server.round}: {e}")
+            break
+        cohort = server.cohort()
+        t = time.time()
+        deltas, failed = train_cohort(server.round, cohort)
+        row = server.step(deltas, sampled=len(cohort), failed=failed, seconds=time.time() - t)
+        msg = (f"round {row['round']}/{cfg.server.rounds}: {row['aggregated']}/{row['sampled']} "
+               f"clients ({row['failed']} failed, {row['clipped']} clipped), "
+               f"‖Δ̄‖ = {row['update_norm']:.3g}, ε = {row['epsilon']:.4g} "
+               f"(δ = {server.delta:.3g}, per speaker), {row['round_seconds']:.1f} s")
+        if row["round"] % cfg.eval_every == 0 and row["round"] < cfg.server.rounds:
+            ev = server.evaluate_test()
+            msg += f"; test WER {ev['wer']:.3f} CER {ev['cer']:.3f}"
+        server.save()
+        server.log(msg)
+    test = server.evaluate_test()
+    server.log(f"final test WER {test['wer']:.3f} CER {test['cer']:.3f} after {server.round} "
+               f"rounds; ε = {server.epsilon():.4g} at δ = {server.delta:.3g} (per speaker)")
+    res = server.results(test, time.time() - t0)
+    res["stopped"] = stopped
+    server.write_results(res)
+    server.finish()
+    return res

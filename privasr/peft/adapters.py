@@ -1,0 +1,54 @@
+"""Residual bottleneck adapters (Houlsby et al., 2019) after each Conformer block.
+
+    block'(x, mask) = h + up(SiLU(down(h))),   h = block(x, mask)      up zero-initialised
+
+Two plain ``nn.Linear`` per block (d → r → d), so per-example engines need nothing special;
+the block itself stays frozen. At initialisation the adapted model computes exactly what the
+pre-trained one did. Adapters add layers, so unlike LoRA they cannot be merged away: a
+checkpoint of an adapted model is loaded by rebuilding the adapters first
+(``privasr.peft.apply.rebuild``).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Adapter", "AdaptedBlock", "add_adapters"]
+
+
+class Adapter(nn.Module):
+    def __init__(self, d: int, dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"finetune.adapter_dim must be >= 1 (got {dim})")
+        self.down = nn.Linear(d, dim)
+        self.up = nn.Linear(dim, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(F.silu(self.down(x)))
+
+
+class AdaptedBlock(nn.Module):
+    """A (frozen) block followed by a residual adapter; same call signature as the block."""
+
+    def __init__(self, block: nn.Module, d: int, dim: int) -> None:
+        super().__init__()
+        self.block = block
+        self.adapter = Adapter(d, dim)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.adapter(self.block(x, *args, **kwargs))
+
+
+def add_adapters(model: nn.Module, dim: int) -> int:
+    """Put an adapter after every block of ``model.encoder.blocks``; return how many."""
+    blocks = getattr(getattr(model, "encoder", None), "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError("adapters need a model with encoder.blocks (a ModuleList of blocks)")
+    d = model.cfg.d_model
+    for i in range(len(blocks)):
+        blocks[i] = AdaptedBlock(blocks[i], d, dim)
+    return len(blocks)

@@ -1,0 +1,231 @@
+"""The DP-PEFT experiment (issue 8, papers.md §3): WER on the private test speakers for
+{zero-shot pre-trained, non-private full FT, DP full FT, DP BitFit, DP LoRA, DP adapters}
+× ε ∈ {1, 3, 10} at δ = 1/N_private.
+
+    privasr dp-peft configs/dp_peft.yaml [device=cuda] [finetune_steps=300] [key=value ...]
+    python -m privasr.peft.experiment configs/dp_peft.yaml device=cuda
+
+Every run is an ordinary ``privasr train`` run (``configs/pretrain.yaml`` once, then
+``configs/dp_finetune.yaml`` with ``init=<pretrain>/last.pt peft=METHOD``) in its own folder
+under ``out_dir``; a finished run with the same config is reused, an interrupted one resumes.
+After each run the rows are rewritten to ``results`` (a JSON list: method, epsilon (null when
+non-private), delta, test_wer, test_cer, trainable_params, step_seconds, ...) and
+``out_dir/report.html`` (table, WER-vs-ε plot) and ``out_dir/summary.json`` are refreshed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from privasr.atomic import atomic_write_text
+from privasr.config import ConfigError, load_config, to_dict
+from privasr.peft.config import METHODS
+
+__all__ = ["DpPeftConfig", "run_experiment", "main"]
+
+
+@dataclass
+class DpPeftConfig:
+    out_dir: str = "runs/dp_peft"
+    results: str = "benchmarks/results/dp_peft.json"
+    pretrain: str = "configs/pretrain.yaml"
+    finetune: str = "configs/dp_finetune.yaml"
+    methods: list[str] = field(default_factory=lambda: ["full", "bitfit", "lora", "adapters"])
+    epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
+    zero_shot: bool = True
+    nonprivate: bool = True  # non-private full fine-tuning (same Poisson batches, no clipping)
+    device: str = "auto"
+    seed: int = 0
+    pretrain_steps: int = 0  # 0: the recipe's optim.max_steps
+    finetune_steps: int = 0
+    lr: dict = field(default_factory=dict)  # method -> learning rate (default: the recipe's)
+    nonprivate_lr: float = 0.0  # 0: lr of "full"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    finetune_overrides: list[str] = field(default_factory=list)
+    target_ratio: float = 1.3  # goal: best DP-PEFT WER at the largest ε ≤ ratio × non-private
+
+
+def _check(cfg: DpPeftConfig) -> None:
+    bad = [m for m in cfg.methods if m not in METHODS or m == "none"]
+    if bad:
+        raise ConfigError(f"methods: unknown {bad}; valid: {', '.join(METHODS[1:])}")
+    bad = [m for m in cfg.lr if m not in METHODS]
+    if bad:
+        raise ConfigError(f"lr: keys must be methods, got {bad}")
+    if any(not isinstance(e, (int, float)) or e <= 0 for e in cfg.epsilons):
+        raise ConfigError(f"epsilons must be positive numbers, got {cfg.epsilons}")
+
+
+def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """``privasr train recipe overrides``, reusing a finished run with the same config."""
+    from privasr.train.recipe import run_training
+
+    cfg = load_config(recipe, overrides)
+    out = Path(cfg.out_dir)
+    done, saved = out / "results.json", out / "config.json"
+    if saved.exists():
+        if json.loads(saved.read_text()) != json.loads(json.dumps(to_dict(cfg))):
+            raise ConfigError(f"{out} holds a run with another config; delete it or choose "
+                              f"another out_dir (a changed run cannot resume)")
+        if done.exists():
+            log(f"{out}: finished earlier, reusing its results")
+            return json.loads(done.read_text())
+    log(f"== {out}: {recipe} {' '.join(overrides)}")
+    return run_training(cfg, log=log)
+
+
+def _zero_shot(ckpt: Path, finetune: str, overrides: list[str]) -> dict[str, Any]:
+    """The pre-trained model (its own CTC head) on the private test speakers."""
+    from privasr.data.manifest import SkipReport
+    from privasr.data.tokenizer import CharTokenizer
+    from privasr.inference import load_model
+    from privasr.train.evaluate import evaluate
+    from privasr.train.recipe import ensure_corpus, load_split, manifest_paths
+    from privasr.train.trainer import pick_device
+
+    cfg = load_config(finetune, overrides)
+    ensure_corpus(cfg, log=lambda *_: None)
+    test = load_split(manifest_paths(cfg)["test"], cfg, CharTokenizer(), SkipReport())
+    device = pick_device(cfg.device)
+    model, vocab = load_model(ckpt, device=str(device))
+    return evaluate(model, test, vocab, device=device)
+
+
+def step_seconds(run_dir: str | Path, fallback: float | None) -> float | None:
+    """Median gradient-step time logged in the run's train.csv (every ``log_every`` steps, so
+    it spans a resumed run's earlier processes too); ``fallback`` when nothing was logged."""
+    from privasr.train.metrics_log import MetricsLogger
+
+    if not (Path(run_dir) / "train.csv").exists():
+        return fallback
+    rows = MetricsLogger(run_dir, tensorboard=False).read("train")
+    secs = [v for r in rows if (v := r.get("step_seconds")) is not None and math.isfinite(v)]
+    return statistics.median(secs) if secs else fallback
+
+
+def _row(method: str, res: dict[str, Any], lr: float | None, run_dir: str) -> dict[str, Any]:
+    p = res.get("privacy") or {}
+    return {"method": method, "epsilon": None, "delta": p.get("delta"),
+            "test_wer": res["test_wer"], "test_cer": res["test_cer"],
+            "trainable_params": res["trainable_params"],
+            "step_seconds": step_seconds(run_dir, res.get("step_seconds")),
+            "achieved_epsilon": p.get("epsilon"), "noise_multiplier": p.get("noise_multiplier"),
+            "sample_rate": p.get("sample_rate"), "steps": res["steps"], "lr": lr,
+            "n_private": res["train_utts"], "test_utts": res["test_utts"],
+            "test_speakers": res["test_speakers"], "device": res["device"], "run_dir": run_dir}
+
+
+def summarize(rows: list[dict[str, Any]], target_ratio: float) -> dict[str, Any]:
+    """The issue's two checks: WER ratio at the largest ε, and DP step time PEFT vs full."""
+    nonpriv = next((r for r in rows if r["method"] == "full" and r["epsilon"] is None), None)
+    dp = [r for r in rows if r["epsilon"] is not None]
+    out: dict[str, Any] = {"target_ratio": target_ratio}
+    if dp:
+        top = max(r["epsilon"] for r in dp)
+        peft = [r for r in dp if r["epsilon"] == top and r["method"] != "full"]
+        full = next((r for r in dp if r["epsilon"] == top and r["method"] == "full"), None)
+        if peft:
+            best = min(peft, key=lambda r: r["test_wer"])
+            out.update(epsilon=top, best_dp_peft=best["method"], best_dp_peft_wer=best["test_wer"])
+            if nonpriv is not None and nonpriv["test_wer"] > 0:
+                out["wer_ratio_to_nonprivate_full"] = best["test_wer"] / nonpriv["test_wer"]
+                out["target_met"] = out["wer_ratio_to_nonprivate_full"] <= target_ratio
+            if full is not None and full["step_seconds"]:
+                out["step_seconds_dp_full"] = full["step_seconds"]
+                out["step_seconds_ratio_to_dp_full"] = {
+                    r["method"]: r["step_seconds"] / full["step_seconds"] for r in peft
+                    if r["step_seconds"]}
+    if nonpriv is not None:
+        out["nonprivate_full_wer"] = nonpriv["test_wer"]
+    zs = next((r for r in rows if r["method"] == "zero_shot"), None)
+    if zs is not None:
+        out["zero_shot_wer"] = zs["test_wer"]
+    return out
+
+
+def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    from privasr.peft.report import write_peft_report
+
+    _check(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "experiment.json", json.dumps(to_dict(cfg), indent=1))
+    common = [f"device={cfg.device}", f"seed={cfg.seed}"]
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+
+    def save() -> None:
+        Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.results), json.dumps(rows, indent=1))
+        summary = {**summarize(rows, cfg.target_ratio), **extra}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        write_peft_report(out, rows, summary)
+
+    pre_dir = out / "pretrain"
+    pre_over = [f"out_dir={pre_dir}", *common, *cfg.pretrain_overrides] + (
+        [f"optim.max_steps={cfg.pretrain_steps}"] if cfg.pretrain_steps else [])
+    pre = _run(cfg.pretrain, pre_over, log)
+    extra["pretrain_public_test_wer"] = pre["test_wer"]
+    ckpt = pre_dir / "last.pt"
+    ft_common = [*common, f"init={ckpt}", *cfg.finetune_overrides] + (
+        [f"optim.max_steps={cfg.finetune_steps}"] if cfg.finetune_steps else [])
+
+    if cfg.zero_shot:
+        t = time.time()
+        zs = _zero_shot(ckpt, cfg.finetune, ft_common)
+        rows.append({"method": "zero_shot", "epsilon": None, "delta": None,
+                     "test_wer": zs["wer"], "test_cer": zs["cer"], "trainable_params": 0,
+                     "step_seconds": None, "steps": 0, "run_dir": str(pre_dir),
+                     "eval_seconds": time.time() - t})
+        log(f"zero-shot on the private test speakers: WER {zs['wer']:.3f} CER {zs['cer']:.3f}")
+        save()
+
+    def lr_of(method: str) -> list[str]:
+        lr = cfg.lr.get(method)
+        return [f"optim.lr={lr}"] if lr else []
+
+    if cfg.nonprivate:
+        lr = cfg.nonprivate_lr or cfg.lr.get("full")
+        d = out / "full_nonprivate"
+        res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", "peft=full", "privacy.policy={}",
+                                  "privacy.target_epsilon=null"] +
+                   ([f"optim.lr={lr}"] if lr else []), log)
+        rows.append(_row("full", res, lr, str(d)))
+        save()
+    for eps in cfg.epsilons:
+        for method in cfg.methods:
+            d = out / f"{method}_eps{eps:g}"
+            res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", f"peft={method}",
+                                      f"privacy.target_epsilon={eps}", *lr_of(method)], log)
+            if not res.get("privacy"):
+                raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with noise "
+                                  f"(the run in {d} had none)")
+            row = _row(method, res, cfg.lr.get(method), str(d))
+            row["epsilon"] = float(eps)
+            rows.append(row)
+            log(f"{method} ε={eps:g}: WER {row['test_wer']:.3f}, "
+                f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
+            save()
+    save()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = args.pop(0) if args and "=" not in args[0] else None
+    cfg = load_config(path, args, cls=DpPeftConfig)
+    rows = run_experiment(cfg)
+    print(json.dumps(rows, indent=1))
+    print(f"wrote {cfg.results} and {Path(cfg.out_dir) / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

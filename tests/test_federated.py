@@ -1,0 +1,246 @@
+"""Federated learning with user-level DP (privasr.federated): aggregation, accounting, failures."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from privasr.clipping.noise import GaussianNoise
+from privasr.federated.aggregate import aggregate
+from privasr.federated.clip import DeltaClipper, clip_policy
+from privasr.federated.config import load_fl_config
+from privasr.federated.optim import Lamb
+
+SPEAKERS = 16
+
+
+@pytest.fixture
+def fl_manifest(tmp_path):
+    """A manifest of SPEAKERS speakers (the server only reads who the clients are)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rows = [{"id": f"s{i:02d}-{j}", "audio": f"audio/s{i:02d}-{j}.flac", "duration": 1.0,
+             "text": "a b", "speaker": f"s{i:02d}", "sampling_rate": 16000}
+            for i in range(SPEAKERS) for j in range(2)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _cfg(corpus, out, *extra):
+    return load_fl_config(None, [f"out_dir={out}", f"data.corpus_dir={corpus}",
+                                 "model.size=tiny", "server.cohort_size=4", *extra])
+
+
+def _deltas(shapes, n, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(s, generator=g) * scale for k, s in shapes.items()} for _ in range(n)]
+
+
+SHAPES = {"a.weight": torch.Size([3, 2]), "a.bias": torch.Size([3]), "b.weight": torch.Size([4])}
+
+
+def _norm(d):
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
+
+
+@pytest.mark.parametrize("clipping", ["global", "per_layer_uniform", "per_layer"])
+def test_aggregate_matches_hand_computation(clipping):
+    deltas = _deltas(SHAPES, 3, scale=1.0) + _deltas(SHAPES, 1, scale=1e-3, seed=1)
+    bounds = {"a.*": 0.5, "*": 0.25}
+    pol = clip_policy(clipping, None if clipping == "per_layer" else 1.0,
+                      bounds if clipping == "per_layer" else None)
+    clipper = DeltaClipper(pol, list(SHAPES))
+    agg = aggregate(deltas, clipper, noise_multiplier=0.0, expected_cohort=5.0,
+                    noise=GaussianNoise(), shapes=SHAPES)
+    want = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    for d in deltas:
+        total = _norm(d)
+        for k, t in d.items():
+            if clipping == "global":
+                c = t * min(1.0, 1.0 / total)
+            elif clipping == "per_layer_uniform":   # every tensor to C/√L once ‖Δ‖ ≥ C
+                c = t if total < 1.0 else t / t.norm() * (1.0 / math.sqrt(len(SHAPES)))
+            else:
+                cl = 0.5 if k.startswith("a.") else 0.25
+                c = t * min(1.0, cl / float(t.norm()))
+            want[k] += c
+    for k in SHAPES:
+        torch.testing.assert_close(agg.update[k], want[k] / 5.0, rtol=1e-5, atol=1e-7)
+    assert agg.clients == 4 and agg.clipped == 3
+    if clipping == "per_layer":
+        assert clipper.bound == pytest.approx(math.sqrt(2 * 0.5 ** 2 + 0.25 ** 2))
+
+
+def test_aggregate_noise_is_sigma_times_total_bound_over_expected_cohort():
+    big = {"w": torch.Size([200_000])}
+    clipper = DeltaClipper(clip_policy("global", 2.0, None), ["w"])
+    agg = aggregate([], clipper, noise_multiplier=0.5, expected_cohort=4.0,
+                    noise=GaussianNoise(generator=torch.Generator().manual_seed(0)), shapes=big)
+    assert float(agg.update["w"].std()) == pytest.approx(0.5 * 2.0 / 4.0, rel=0.01)
+    again = aggregate([], clipper, noise_multiplier=0.5, expected_cohort=4.0,
+                      noise=GaussianNoise(generator=torch.Generator().manual_seed(0)),
+                      shapes=big)
+    assert torch.equal(agg.update["w"], again.update["w"])
+
+
+def test_server_round_is_hand_fedavg_and_skips_bad_clients(fl_manifest, tmp_path, one_thread):
+    from privasr.federated.server import FLServer
+
+    cfg = _cfg(fl_manifest, tmp_path / "run", "server.optimizer=fedavg", "server.lr=1.0",
+               "dp.clip_norm=0.1")
+    server = FLServer(cfg, log=lambda *_: None)
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    good = _deltas(server.shapes, 2, scale=0.01)
+    nan = {k: v.clone() for k, v in good[0].items()}
+    next(iter(nan.values()))[0] = float("nan")
+    wrong = dict(good[0])
+    wrong.pop(next(iter(wrong)))
+    row = server.step(good + [nan, wrong], sampled=5, failed=1)
+    want = {k: torch.zeros(s) for k, s in server.shapes.items()}
+    for d in good:
+        f = min(1.0, 0.1 / _norm(d))
+        for k in want:
+            want[k] += d[k] * f
+    for n, p in server.model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] + want[n] / 4.0, rtol=1e-5, atol=1e-6)
+    assert row["aggregated"] == 2 and row["failed"] == 3 and row["clipped"] == 2
+    assert server.ledger is None and server.round == 1 and math.isinf(row["epsilon"])
+
+
+def test_user_level_epsilon_matches_dp_accounting(fl_manifest, tmp_path, one_thread):
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from privasr.federated.server import FLServer
+
+    sigma, rounds = 1.5, 3
+    cfg = _cfg(fl_manifest, tmp_path / "run", f"dp.noise_multiplier={sigma}", "dp.delta=1e-3",
+               f"server.rounds={rounds}")
+    server = FLServer(cfg, log=lambda *_: None)
+    for _ in range(rounds):
+        server.step([], sampled=4, failed=4)  # every client failed: noise is still released
+    q = 4 / SPEAKERS
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                rounds)
+    assert server.ledger.steps == rounds and server.ledger.unit.value == "client"
+    assert server.epsilon() == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+    # the checkpoint holds what was released: resuming continues the same ledger
+    server.save()
+    again = FLServer(cfg, log=lambda *_: None)
+    assert again.resume() and again.round == rounds
+    assert again.epsilon() == pytest.approx(server.epsilon(), rel=1e-12)
+    for (n, p), q2 in zip(server.model.named_parameters(), again.model.parameters()):
+        assert torch.equal(p, q2), n
+
+
+def test_target_epsilon_calibrates_sigma_and_budget_stops(fl_manifest, tmp_path, one_thread):
+    from privasr.federated.server import FLServer
+    from privasr.privacy.ledger import PrivacyBudgetExceeded
+
+    cfg = _cfg(fl_manifest, tmp_path / "run", "dp.target_epsilon=4.0", "server.rounds=2",
+               "dp.accounting=rdp")
+    server = FLServer(cfg, log=lambda *_: None)
+    assert server.noise_multiplier > 0 and server.delta == 1 / SPEAKERS
+    server.step([], sampled=0, failed=0)
+    server.step([], sampled=0, failed=0)
+    assert 3.8 < server.epsilon() <= 4.0
+    with pytest.raises(PrivacyBudgetExceeded):
+        server.step([], sampled=0, failed=0)
+    assert server.ledger.steps == 2 and server.round == 2
+
+
+def test_lamb_moves_each_layer_by_lr_times_its_norm():
+    big = torch.nn.Parameter(torch.full((10,), 10.0))
+    small = torch.nn.Parameter(torch.full((10,), 0.01))
+    opt = Lamb([big, small], lr=0.1, betas=(0.9, 0.99), eps=1e-12)
+    big.grad = torch.full((10,), 1e-6)
+    small.grad = torch.full((10,), 5.0)
+    b0, s0 = big.detach().clone(), small.detach().clone()
+    opt.step()
+    assert float((big.detach() - b0).norm()) == pytest.approx(0.1 * float(b0.norm()), rel=1e-4)
+    assert float((small.detach() - s0).norm()) == pytest.approx(0.1 * float(s0.norm()), rel=1e-4)
+
+
+def test_bad_recipes_name_the_problem(tmp_path):
+    from privasr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dp.clipping"):
+        load_fl_config(None, ["dp.clipping=layerwise"])
+    with pytest.raises(ConfigError, match="layer_bounds"):
+        load_fl_config(None, ["dp.clipping=per_layer"])
+    with pytest.raises(ConfigError, match="poisson"):
+        load_fl_config(None, ["dp.noise_multiplier=1.0", "server.sampling=fixed"])
+
+
+def _fl_corpus(tiny_corpus, dest):
+    """The tiny corpus's train/test manifests, with one speaker's utterances made unusable
+    (transcripts far too long for the audio: CTC-infeasible), so that client fails for real."""
+    from privasr.data.manifest import read_manifest, write_manifest
+
+    corpus, _, _ = tiny_corpus
+    dest.mkdir()
+    train = read_manifest(corpus / "train.jsonl")
+    bad = sorted({u.speaker for u in train})[3]
+    train = [u if u.speaker != bad else type(u)(**{**u.__dict__, "text": "x y z " * 200})
+             for u in train]
+    write_manifest(dest / "train.jsonl", train)
+    write_manifest(dest / "test.jsonl", read_manifest(corpus / "test.jsonl"))
+    return bad, len({u.speaker for u in train})
+
+
+@pytest.mark.slow
+def test_two_round_simulation_with_failing_and_timed_out_clients(tiny_corpus, tmp_path):
+    """Flower's Simulation Runtime, speakers as clients, tiny model: a client that raises and a
+    round whose clients all time out leave the server running, the model finite, and the
+    ledger equal to the rounds actually released."""
+    from privasr.federated.app import run_simulation_fl
+    from privasr.models.conformer import ConformerCTC, config_for
+    from privasr.privacy.accountant import epsilon
+    from privasr.train.checkpoint import load_checkpoint, save_checkpoint
+
+    bad, n = _fl_corpus(tiny_corpus, tmp_path / "corpus")
+    torch.manual_seed(0)
+    init = ConformerCTC(config_for("tiny", vocab_size=len(__import__(
+        "privasr.data.tokenizer", fromlist=["x"]).CharTokenizer().symbols)))
+    save_checkpoint(tmp_path / "seed.pt", {"model": init.state_dict()})
+    common = [f"data.corpus_dir={tmp_path / 'corpus'}", "model.size=tiny", "server.rounds=2",
+              f"init_checkpoint={tmp_path / 'seed.pt'}", "eval_every=1",
+              "data.feature_workers=1", "local.max_steps=2"]
+    logs: list[str] = []
+    # 1. every speaker sampled (q = 1), σ > 0, per-layer uniform clipping, LAMB
+    cfg = load_fl_config(None, [f"out_dir={tmp_path / 'a'}", f"server.cohort_size={n}",
+                                "dp.noise_multiplier=0.7", "dp.delta=1e-3",
+                                "dp.clipping=per_layer_uniform", "server.optimizer=lamb",
+                                "server.lr=0.01", *common])
+    res = run_simulation_fl(cfg, log=logs.append)
+    assert res["rounds"] == 2 and res["failed_clients"] == 2, logs
+    assert [r["aggregated"] for r in res["history"]] == [n - 1, n - 1]
+    assert any(bad in line or "failed" in line for line in logs)
+    assert res["epsilon"] == pytest.approx(epsilon(0.7, 1.0, 2, 1e-3), rel=1e-9)
+    assert 0.0 <= res["test_cer"] and math.isfinite(res["test_loss"])
+    ck = load_checkpoint(tmp_path / "a" / "server.pt")
+    assert ck["round"] == 2 and ck["privacy_ledger"]["steps"] == 2
+    assert all(torch.isfinite(t).all() for t in ck["model"].values())
+    assert any(not torch.equal(ck["model"][k], v) for k, v in init.state_dict().items())
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["test_wer"] == res["test_wer"] and len(saved["extrapolation"]) > 0
+    # 2. replies never arrive in time (1 ms): rounds proceed on nothing; σ = 0 and FedAvg
+    #    leave the seed model bit-for-bit unchanged
+    cfg = load_fl_config(None, [f"out_dir={tmp_path / 'b'}", "server.cohort_size=4",
+                                "server.round_timeout=0.001", *common])
+    res = run_simulation_fl(cfg, log=logs.append)
+    assert res["rounds"] == 2 and res["privacy"] is None
+    assert all(r["aggregated"] == 0 and r["failed"] == r["sampled"] for r in res["history"])
+    ck = load_checkpoint(tmp_path / "b" / "server.pt")
+    for k, v in init.state_dict().items():
+        assert torch.equal(ck["model"][k], v), k
+
+
+def test_cli_fl_rejects_a_bad_recipe_with_a_message(capsys):
+    from privasr.cli import main
+
+    assert main(["fl", "configs/fl_dp.yaml", "server.optimizer=sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "server.optimizer='sgd'" in err and "lamb" in err
