@@ -27,14 +27,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from interleave import interleave, summarize  # noqa: E402
 
 VARIANTS = ("ddp", "pcc", "apcc")
 
@@ -130,49 +132,35 @@ def worker(a: argparse.Namespace) -> None:
     if bad:
         raise SystemExit(f"numerical check failed (max relative difference): {bad}")
 
-    # -- timing ------------------------------------------------------------------------------
+    # -- timing (benchmarks/interleave.py; rank 0's record is the one written) ----------------
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        dist.barrier()            # before: all ranks start together; after: the step ends with
+                                  # the slowest rank (a barrier's latency, same for all variants)
 
-    def step(name: str) -> tuple[float, float]:
-        dist.barrier()
-        sync()
-        w, cpu = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        if name == "ddp":
-            loss_fn(ddp, batch).mean().backward()
-        else:
-            strategies[name].fill_grads(model, [batch], loss_fn)
-        opt.step()
-        sync()
-        out = torch.tensor([time.perf_counter() - w, time.process_time() - cpu],
-                           dtype=torch.float64, device=dev)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)         # the step ends with the slowest rank
-        return float(out[0]), float(out[1])
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            if name == "ddp":
+                loss_fn(ddp, batch).mean().backward()
+            else:
+                strategies[name].fill_grads(model, [batch], loss_fn)
+            opt.step()
+        return run
 
-    for _ in range(a.warmup):
-        for v in VARIANTS:
-            step(v)
-    raw = {v: {"wall": [], "cpu": []} for v in VARIANTS}
-    for _ in range(a.rounds):
-        for v in VARIANTS:
-            wall, cpu = step(v)
-            raw[v]["wall"].append(wall)
-            raw[v]["cpu"].append(cpu)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    raw = interleave({v: step(v) for v in VARIANTS}, a.rounds, a.warmup, sync)
     if rank != 0:
         dist.destroy_process_group()
         return
-
-    def ratios(v: str, kind: str) -> list[float]:
-        return [x / y for x, y in zip(raw[v][kind], raw["ddp"][kind])]
-
+    timing = summarize(raw, "ddp")
     summary = {}
     for v in ("pcc", "apcc"):
-        summary[f"{v}_vs_ddp"] = statistics.median(ratios(v, "wall"))
-        summary[f"{v}_vs_ddp_ratio_of_medians"] = (statistics.median(raw[v]["wall"])
-                                                  / statistics.median(raw["ddp"]["wall"]))
-        summary[f"{v}_vs_ddp_cpu"] = statistics.median(ratios(v, "cpu"))
+        summary[f"{v}_vs_ddp"] = timing[v]["median_round_ratio_wall_s_to_ddp"]
+        summary[f"{v}_vs_ddp_ratio_of_medians"] = timing[v]["ratio_of_medians_wall_s_to_ddp"]
+        summary[f"{v}_vs_ddp_cpu"] = timing[v]["median_round_ratio_cpu_s_to_ddp"]
     result = {
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "device": str(dev),
@@ -183,8 +171,8 @@ def worker(a: argparse.Namespace) -> None:
         "seconds_per_utt": a.seconds, "rounds": a.rounds, "warmup": a.warmup,
         "pcc_clip_norm": c, "checks_max_rel_diff": checks, "target": 1.03,
         **summary,
-        "median_step_wall_s": {v: statistics.median(raw[v]["wall"]) for v in VARIANTS},
-        "raw": raw,
+        "median_step_wall_s": {v: timing[v]["median_wall_s"] for v in VARIANTS},
+        "variants": timing,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
