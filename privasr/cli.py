@@ -1,5 +1,6 @@
 """The `privasr` command: demo | corpus {synth,stats,librispeech} | train | eval | transcribe |
-audit {make-canaries,run} | dp-peft | fl."""
+audit {make-canaries,run} | dp-peft | fl |
+compare."""
 
 from __future__ import annotations
 
@@ -108,6 +109,16 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(a: argparse.Namespace) -> int:
+    from privasr.report.compare import compare, format_table, write_comparison
+
+    rows = compare(a.runs)
+    print(format_table(rows))
+    if a.out:
+        print(f"wrote {write_comparison(rows, a.out)}")
+    return 0
+
+
 def _eval(a: argparse.Namespace) -> int:
     from privasr.inference import eval_command
 
@@ -184,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("config", help=f"FL recipe YAML (see {CONFIG_DIR}/fl_dp.yaml)")
     f.add_argument("overrides", nargs="*")
     f.set_defaults(fn=_fl)
+
+    c = sub.add_parser("compare", help="runs' results side by side (first run = baseline)")
+    c.add_argument("runs", nargs="+", help="run directories holding results.json")
+    c.add_argument("--out", help="also write the rows as JSON here")
+    c.set_defaults(fn=_compare)
 
     e = sub.add_parser("eval", help="WER/CER of a checkpoint on a manifest")
     e.add_argument("checkpoint")

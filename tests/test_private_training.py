@@ -49,6 +49,25 @@ def test_dpsgd_recipe_reaches_target_epsilon_and_records_it(tiny_corpus, tmp_pat
     assert saved["privacy"]["epsilon"] == p["epsilon"]
     rows = (tmp_path / "dp" / "train.csv").read_text().splitlines()
     assert "frac_clipped" in rows[0] and "norm_p50" in rows[0]
+    report = (tmp_path / "dp" / "report.html").read_text()
+    assert 'alt="clipping"' in report and "ε = " in report     # norms vs bound, the claim
+
+
+def test_compare_puts_dp_next_to_baseline(tmp_path, capsys):
+    from privasr.cli import main
+    for name, wer, priv in (("base", 0.3, None), ("dp", 0.6, {"epsilon": 8.0, "delta": 1e-4,
+                                                             "unit": "example"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"test_wer": wer, "test_cer": wer / 3, "steps": 10, "privacy": priv}))
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "dp"),
+                 "--out", str(tmp_path / "cmp.json")]) == 0
+    rows = json.loads((tmp_path / "cmp.json").read_text())
+    assert [r["run"] for r in rows] == ["base", "dp"]
+    assert rows[1]["wer_vs_baseline"] == pytest.approx(2.0) and rows[1]["epsilon"] == 8.0
+    assert "dp" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path)]) != 0
+    assert "no results.json" in capsys.readouterr().err
 
 
 def test_budget_exceeded_stops_training_with_a_message(tiny_corpus, tmp_path):

@@ -46,7 +46,26 @@ def training_figures(run_dir: str | Path) -> dict[str, str]:
         ax.legend()
         ax.grid(alpha=0.3)
         figs["wer"] = _png(fig)
+    if train and "frac_clipped" in train[0]:
+        figs["clipping"] = _clipping_figure(train)
     return figs
+
+
+def _clipping_figure(train: list[dict[str, float]]) -> str:
+    """Per-unit gradient norms (10/50/90 % quantiles) against the bound in force, and the
+    fraction of units clipped, per logged step."""
+    steps = [r["step"] for r in train]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key, style in (("norm_p10", ":"), ("norm_p50", "-"), ("norm_p90", "--")):
+        a.plot(steps, [r[key] for r in train], style, color="C0", label=key.replace("norm_", ""))
+    a.plot(steps, [r["bound"] for r in train], color="C3", label="bound")
+    a.set(xlabel="step", ylabel="L2 norm", title="Unit gradient norms vs bound", yscale="log")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.plot(steps, [100 * r["frac_clipped"] for r in train], color="C2")
+    b.set(xlabel="step", ylabel="%", title="Units clipped", ylim=(-2, 102))
+    b.grid(alpha=0.3)
+    return _png(fig)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

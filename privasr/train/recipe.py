@@ -151,5 +151,19 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "world_size": 1 if ctx is None else ctx.world_size,
     }
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
+    write_run_report(cfg.out_dir, results)
     D.finish(ctx)
     return results
+
+
+def write_run_report(out_dir: str, results: dict) -> Path:
+    """``out_dir/report.html``: test results, loss / dev WER curves and, for clipped runs, the
+    unit-norm quantiles against the bound and the fraction of units clipped."""
+    from privasr.report.html import write_report
+
+    p = results.get("privacy") or {}
+    row = {"test_wer": results["test_wer"], "test_cer": results["test_cer"],
+           "steps": results["steps"], "epsilon": p.get("epsilon"), "delta": p.get("delta"),
+           "privacy unit": p.get("unit", "none")}
+    return write_report(out_dir, f"privasr train: {Path(out_dir).name}", {"results": [row]},
+                        notes=p.get("summary", ""))
