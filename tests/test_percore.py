@@ -1,5 +1,6 @@
 """PCC / APCC across 2 torchrun processes (gloo, CPU) == the one-process simulation with 2
-virtual cores, for fixed and adaptive bounds, global and per-layer scope, with and without noise."""
+virtual cores: fixed, adaptive_min and quantile bounds, global and per-layer scope, with and
+without noise; plus `privasr train` and `privasr pcc-experiment` end to end (slow)."""
 
 from __future__ import annotations
 
