@@ -69,10 +69,24 @@ def _train(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, a.overrides)
     res = run_training(cfg)
+    if res.get("rank", 0):  # under torchrun rank 0 reports
+        return 0
     print(json.dumps({k: res[k] for k in ("test_wer", "test_cer", "steps", "wall_seconds",
                                           "stopped")}, indent=1))
     if res["privacy"]:
         print(f"achieved privacy: {res['privacy']['summary']}")
+    return 0
+
+
+def _pcc_experiment(a: argparse.Namespace) -> int:
+    from privasr.experiments.pcc import DEFAULT_BOUNDS, run_pcc_experiment
+
+    try:
+        bounds = [float(c) for c in a.bounds.split(",")] if a.bounds else DEFAULT_BOUNDS
+    except ValueError:
+        raise ValueError(f"--bounds {a.bounds!r}: give clip norms like 1,3,10") from None
+    run_pcc_experiment(a.config, out=a.out, bounds=bounds, cores=a.cores, steps=a.steps,
+                       device=a.device, overrides=a.overrides)
     return 0
 
 
@@ -163,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*")
     t.set_defaults(fn=_train)
 
+    pe = sub.add_parser("pcc-experiment", help="baseline vs per-core clipping (PCC) at a few "
+                        "bounds vs adaptive PCC, K simulated cores: WER table + curves")
+    pe.add_argument("--config", default=str(CONFIG_DIR / "pcc.yaml"))
+    pe.add_argument("--out", default="runs/pcc-experiment")
+    pe.add_argument("--bounds", help="PCC clip norms C, comma-separated (default 0.5,1,2)")
+    pe.add_argument("--cores", type=int, default=4, help="K simulated cores")
+    pe.add_argument("--steps", type=int, help="optim.max_steps (warm-up/eval scaled to fit)")
+    pe.add_argument("--device", help="auto | cpu | cuda")
+    pe.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    pe.set_defaults(fn=_pcc_experiment)
     dp = sub.add_parser("dp-peft", help="DP fine-tuning experiment: WER x ε x PEFT method")
     dp.add_argument("config", help="experiment YAML, e.g. configs/dp_peft.yaml")
     dp.add_argument("overrides", nargs="*", help="key=value, e.g. device=cuda finetune_steps=300")

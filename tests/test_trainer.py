@@ -35,6 +35,21 @@ def _params(path):
     return torch.load(path, weights_only=False)["model"]
 
 
+def kill_when_checkpointed(p, run, min_step, timeout=300):
+    """SIGKILL process ``p`` once ``run/last.pt`` holds step >= min_step; the step, or None."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if (run / "last.pt").exists():
+            step = torch.load(run / "last.pt", weights_only=False)["position"]["step"]
+            if step >= min_step:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                return step
+        time.sleep(0.05)
+    p.wait()
+    return None
+
+
 def test_tiny_end_to_end_train_and_eval(tiny_corpus, tmp_path):
     from privasr.train.recipe import run_training
 
@@ -76,17 +91,7 @@ def test_kill_and_resume_gives_identical_parameters(tiny_corpus, tmp_path):
 
     run = tmp_path / "killed"
     p = _cli(["train", "configs/demo.yaml", *_overrides(corpus, run, steps)])
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and p.poll() is None:
-        if (run / "last.pt").exists():
-            step = torch.load(run / "last.pt", weights_only=False)["position"]["step"]
-            if step >= 3:
-                p.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    p.wait()
+    killed_at = kill_when_checkpointed(p, run, 3)
     assert killed_at is not None and killed_at < steps, "run ended before it could be killed"
     r = _cli(["train", "configs/demo.yaml", *_overrides(corpus, run, steps)])
     out = r.communicate(timeout=600)[0].decode()

@@ -21,7 +21,7 @@ from privasr.train.evaluate import evaluate
 from privasr.peft.apply import finish_peft, prepare_model
 from privasr.train.strategies import build_setup
 from privasr.train.timing import TimedGradient
-from privasr.train.trainer import Trainer, set_threads
+from privasr.train.trainer import Trainer, pick_device, set_threads
 
 
 def manifest_paths(cfg: TrainConfig) -> dict[str, Path]:
@@ -76,21 +76,29 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     """Train per the recipe (resuming from ``out_dir/last.pt`` if present); return results."""
     import torch
 
+    from privasr.train import distributed as D   # torchrun: see privasr/train/distributed.py
+
     t0 = time.time()
-    threads = set_threads(cfg.threads)
+    ctx = D.init_distributed(pick_device(cfg.device))
+    if ctx is not None:
+        D.prepare_config(cfg, ctx)
+        log = log if ctx.is_main else (lambda *a, **k: None)
+    threads = set_threads(cfg.threads or (0 if ctx is None else D.threads_per_rank(ctx)))
     torch.manual_seed(cfg.seed)
-    ensure_corpus(cfg, log)
     paths = manifest_paths(cfg)
     tok = CharTokenizer()
     report = SkipReport()
-    train_ds = load_split(paths["train"], cfg, tok, report, speeds=cfg.augment.speed_perturb)
-    dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
-    test_ds = load_split(paths["test"], cfg, tok, report)
-    canary_info = None
-    if cfg.audit.canaries:  # memorization audit: inserted canaries (×r) join training only
-        from privasr.audit.insertion import add_canaries
-        train_ds, canary_info = add_canaries(train_ds, cfg.audit.canaries, tok,
-                                             others={"dev": dev_ds, "test": test_ds}, log=log)
+    with D.main_first(ctx):  # rank 0 builds the corpus and feature caches, then the others
+        ensure_corpus(cfg, log)
+        train_ds = load_split(paths["train"], cfg, tok, report, speeds=cfg.augment.speed_perturb)
+        dev_ds = load_split(paths["dev"], cfg, tok, report, limit=cfg.data.max_dev_utts)
+        test_ds = load_split(paths["test"], cfg, tok, report)
+        canary_info = None
+        if cfg.audit.canaries:  # memorization audit: inserted canaries (×r) join training only
+            from privasr.audit.insertion import add_canaries
+            train_ds, canary_info = add_canaries(train_ds, cfg.audit.canaries, tok,
+                                                 others={"dev": dev_ds, "test": test_ds},
+                                                 log=log)
     if report.total:
         log(f"data: {report.summary()}")
     if len(train_ds) == 0:
@@ -99,10 +107,12 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     peft = prepare_model(cfg, model, log)       # init=CKPT (pre-trained encoder) and peft=...
     vocab = list(tok.symbols)
     setup = build_setup(cfg, train_ds)
-    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(setup.strategy),
-                      plan=setup.plan)
+    strategy, shard = D.distribute_setup(setup, cfg, ctx)
+    trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(strategy),
+                      plan=setup.plan, dist=ctx, shard=shard)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
+    if ctx is None or ctx.is_main:
+        atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
     if trainer.resume():
         log(f"resumed from {trainer.ckpt_path} at step {trainer.pos.step}")
     log(f"model {cfg.model.size}: {count_parameters(model):,} parameters; device "
@@ -111,6 +121,9 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     if setup.policy is not None:
         log(f"clipping: {setup.policy.to_dict()}")
     res = trainer.fit()
+    if ctx is not None and not ctx.is_main:  # rank 0 evaluates and writes the results
+        D.finish(ctx)
+        return {"rank": ctx.rank, "steps": res.steps, "stopped": res.stopped}
     test = evaluate(trainer.model, test_ds, vocab, device=trainer.device)
     privacy = None
     ledger = getattr(trainer.strategy, "ledger", None)
@@ -135,9 +148,11 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "canaries": canary_info,
         "trainable_params": count_parameters(model), "step_seconds":
         trainer.strategy.median_seconds(), "peft": finish_peft(cfg, trainer, peft),
+        "world_size": 1 if ctx is None else ctx.world_size,
     }
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
     write_run_report(cfg.out_dir, results)
+    D.finish(ctx)
     return results
 
 

@@ -103,10 +103,20 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_ds: AsrDataset,
                  dev_ds: AsrDataset | None, vocab: list[str], *,
-                 strategy: GradientStrategy | None = None, plan: Any = None) -> None:
+                 strategy: GradientStrategy | None = None, plan: Any = None,
+                 dist: Any = None, shard: Callable[[list[Batch]], list[Batch]] | None = None
+                 ) -> None:
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        # torchrun (privasr.train.distributed): ``dist`` is the DistContext, ``shard`` keeps
+        # this rank's share of each logical batch; rank 0 alone logs, evaluates, checkpoints
+        self.dist, self.shard = dist, shard
+        self.is_main = dist is None or dist.is_main
+        self.device = dist.device if dist is not None else pick_device(cfg.device)
         self.model = model.to(self.device)
+        if dist is not None:
+            from privasr.train.distributed import broadcast_module
+
+            broadcast_module(self.model)
         self.train_ds, self.dev_ds, self.vocab = train_ds, dev_ds, vocab
         self.strategy = strategy or BatchClipGradient(max_norm=cfg.optim.max_grad_norm)
         self.plan = plan or BucketPlan(DurationBucketSampler(
@@ -130,7 +140,12 @@ class Trainer:
         self.pos = Position()
         self.skipped = 0
         self.audio_seconds = 0.0
-        self.log = MetricsLogger(self.out)
+        if self.is_main:
+            self.log = MetricsLogger(self.out)
+        else:
+            from privasr.train.distributed import NullLog
+
+            self.log = NullLog()
 
     def _physical_batches(self) -> list[Batch]:
         out = []
@@ -139,8 +154,10 @@ class Trainer:
             if self.specaug is not None:
                 g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.pos.step * 64 + k)
                 b.feats = self.specaug(b.feats, b.feat_lens, generator=g)
-            out.append(b.to(self.device))
-        return out
+            out.append(b)
+        if self.shard is not None:
+            out = self.shard(out)
+        return [b.to(self.device) for b in out]
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -161,6 +178,8 @@ class Trainer:
         }
 
     def save(self, path: Path | None = None) -> None:
+        if not self.is_main:
+            return
         save_checkpoint(path or self.ckpt_path, self.state())
 
     def resume(self, path: Path | None = None) -> bool:
@@ -204,11 +223,13 @@ class Trainer:
         last_loss, window = math.nan, []
         dev: dict[str, float] = {}
         bar = tqdm(total=cfg.optim.max_steps, initial=self.pos.step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
         t_last = time.time()
         stopped = None
         while self.pos.step < cfg.optim.max_steps:
             saved_pos = Position(**vars(self.pos))
+            if self.dist is not None:  # dropout: differs across ranks, and resumes exactly
+                torch.manual_seed(cfg.seed * 1_000_003 + self.dist.rank * 7919 + self.pos.step)
             batches = self._physical_batches()
             self.optimizer.zero_grad(set_to_none=True)
             try:
@@ -233,7 +254,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.pos.step += 1
-            secs = sum(b.audio_seconds for b in batches)
+            secs = stats.pop("audio_seconds", None)  # all ranks' audio, under torchrun
+            secs = sum(b.audio_seconds for b in batches) if secs is None else secs
             self.audio_seconds += secs
             if math.isfinite(stats["loss"]):  # NaN only for an empty Poisson draw
                 window.append((stats["loss"], secs))
@@ -248,7 +270,8 @@ class Trainer:
                 self.log.log("train", self.pos.step, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", audio_x=f"{rate:.1f}")
                 window, t_last = [], now
-            if self.pos.step % cfg.eval_every == 0 or self.pos.step == cfg.optim.max_steps:
+            if (self.pos.step % cfg.eval_every == 0 or self.pos.step == cfg.optim.max_steps) \
+                    and self.is_main:
                 dev = self.evaluate_dev()
                 if dev:
                     self.log.log("dev", self.pos.step, dev)
