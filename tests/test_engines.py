@@ -25,6 +25,12 @@ REL_TOL = 1e-5
 ENGINE_NAMES = sorted(set(ENGINES) - {"auto"})
 
 
+def fast_engines(chunk: int = 16) -> list:
+    """Every non-reference engine, plus bookkeeping forced onto its two-pass (no-store) path."""
+    return [get_engine(n, chunk_size=chunk) for n in ENGINE_NAMES if n != "reference"] + [
+        get_engine("bookkeeping", chunk_size=chunk, store_limit_mb=0)]
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -158,8 +164,7 @@ def test_engines_match_reference_small_models(model_kind, unit, scope, bound, si
     batches = make_batches(sizes, seed)
     policy = policy_for(unit, scope, bound, c, sum(sizes))
     ref = get_engine("reference").clipped_sum(model, batches, loss_fn, policy, step=step)
-    for name in ENGINE_NAMES:
-        engine = get_engine(name, chunk_size=chunk) if name != "reference" else get_engine(name)
+    for engine in fast_engines(chunk):
         res = engine.clipped_sum(model, batches, loss_fn, policy, step=step)
         assert_same(res, ref)
         if freeze:
@@ -188,9 +193,8 @@ def test_engines_match_reference_conformer(conformer_setup, unit, scope, bound):
     ref = get_engine("reference").clipped_sum(model, batches, loss_fn, policy, step=1)
     if ref.units > 1 or bound == "fixed" or scope == "uniform":
         assert 0 < ref.clipped.sum()                         # the bound binds for some unit
-    for name in ENGINE_NAMES:
-        if name != "reference":
-            assert_same(get_engine(name).clipped_sum(model, batches, loss_fn, policy, step=1), ref)
+    for engine in fast_engines():
+        assert_same(engine.clipped_sum(model, batches, loss_fn, policy, step=1), ref)
 
 
 def test_per_example_grads_match_loop_conformer(conformer_setup):

@@ -423,7 +423,6 @@ class VectorizedEngine(Engine):
     """Per-example gradients, ``chunk_size`` examples at a time, clipped with tensor ops."""
 
     name = "vectorized"
-    direct_chunk: int | None = None     # chunk for unit=example (None: chunk_size)
 
     def __init__(self, *, chunk_size: int = 16) -> None:
         if chunk_size < 1:
@@ -434,6 +433,10 @@ class VectorizedEngine(Engine):
                     loss_fn: LossFn) -> tuple[dict[str, Tensor], Tensor]:
         """({name: (B, *shape)} per-example gradients, (B,) losses) of one chunk."""
         return per_example_grads(model, params, batch, loss_fn)
+
+    def example_chunk(self, params: dict[str, nn.Parameter]) -> int:
+        """Examples per forward pass for unit = example."""
+        return self.chunk_size
 
     def clip_chunk(self, model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
                    loss_fn: LossFn, clipper: "_UnitClipper") -> Tensor:
@@ -472,7 +475,7 @@ class VectorizedEngine(Engine):
             counts = torch.zeros(groups, dtype=torch.long)
         pos = 0
         for b in batches:
-            chunk = self.chunk_size if grouped or self.direct_chunk is None else self.direct_chunk
+            chunk = self.chunk_size if grouped else self.example_chunk(params)
             for start in range(0, len(b), chunk):
                 sub = _rows(b, start, min(len(b), start + chunk))
                 if not grouped:         # unit = example: clip chunk by chunk
@@ -504,14 +507,26 @@ class BookkeepingEngine(VectorizedEngine):
     products. Linear / Conv1d / Conv2d / LayerNorm modules only (others raise TypeError)."""
 
     name = "bookkeeping"
-    # unit=example: the whole physical batch at once (memory is per layer, not B × params);
-    # chunk_size bounds the B × params per-example gradients of micro-batch / core units
-    direct_chunk = 1 << 30
+
+    def __init__(self, *, chunk_size: int = 16, store_limit_mb: float = 256.0) -> None:
+        super().__init__(chunk_size=chunk_size)
+        self.store_limit_mb = store_limit_mb
+
+    def stores(self, params: dict[str, nn.Parameter]) -> bool:
+        """Unit = example: hold the chunk's per-example gradients (fastest) when they fit in
+        ``store_limit_mb``; else the two-pass sum (memory per layer, one extra product)."""
+        n = sum(p.numel() * p.element_size() for p in params.values())
+        return self.chunk_size * n <= self.store_limit_mb * 2 ** 20
+
+    def example_chunk(self, params):
+        return self.chunk_size if self.stores(params) else 1 << 30   # whole physical batch
 
     def per_example(self, model, params, batch, loss_fn):
         return hooked_per_example_grads(model, params, batch, loss_fn, _check_losses)
 
     def clip_chunk(self, model, params, batch, loss_fn, clipper):
+        if self.stores(params):
+            return super().clip_chunk(model, params, batch, loss_fn, clipper)
         return hooked_clipped_sum(model, params, batch, loss_fn, _check_losses,
                                   clipper.spec.names, clipper.factors, clipper.sums)
 
@@ -523,8 +538,8 @@ class AutoEngine(Engine):
 
     name = "auto"
 
-    def __init__(self, *, chunk_size: int = 16) -> None:
-        self.fast = BookkeepingEngine(chunk_size=chunk_size)
+    def __init__(self, *, chunk_size: int = 16, store_limit_mb: float = 256.0) -> None:
+        self.fast = BookkeepingEngine(chunk_size=chunk_size, store_limit_mb=store_limit_mb)
         self.general = VectorizedEngine(chunk_size=chunk_size)
         self.chunk_size = chunk_size
 
