@@ -44,6 +44,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from interleave import interleave  # noqa: E402
 from train_throughput import make_batch  # noqa: E402
 
 from privasr.clipping.policy import ClipPolicy  # noqa: E402
@@ -416,25 +417,8 @@ def main() -> None:
     info["variants"] = build_info
     names = [v for v in a.variants if v in steps]
 
-    def timed(v: str) -> tuple[float, float]:
-        _sync()
-        w, c = time.perf_counter(), time.process_time()
-        steps[v]()
-        _sync()
-        return time.perf_counter() - w, time.process_time() - c
-
-    print(f"warm-up ({a.warmup} steps each) ...")
-    for v in names:
-        for _ in range(a.warmup):
-            timed(v)
-    raw = {v: {"wall_s": [], "cpu_s": []} for v in names}
-    for r in range(a.rounds):
-        for v in names:
-            w, c = timed(v)
-            raw[v]["wall_s"].append(w)
-            raw[v]["cpu_s"].append(c)
-        print(f"  round {r + 1}/{a.rounds}: " +
-              "  ".join(f"{v} {raw[v]['wall_s'][-1]:.2f}s" for v in names), flush=True)
+    print(f"warm-up ({a.warmup} steps each), then {a.rounds} interleaved rounds ...")
+    raw = interleave({v: steps[v] for v in names}, a.rounds, a.warmup, _sync)
 
     med = {v: {k: statistics.median(raw[v][k]) for k in ("wall_s", "cpu_s")} for v in names}
     res = {v: {"raw_wall_s": raw[v]["wall_s"], "raw_cpu_s": raw[v]["cpu_s"],

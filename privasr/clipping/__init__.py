@@ -7,12 +7,15 @@
   ``bookkeeping`` (one forward + activation backward; Linear/Conv/LayerNorm), ``auto``.
 - ``ClippedGradient`` (strategy.py): the trainer's ``GradientStrategy``; noise and normalisation.
 - ``GaussianNoise`` (noise.py): seeded or CSPRNG noise.
+- ``PerCoreGradient`` (percore.py): per-core clipping across torch.distributed ranks (PCC/APCC);
+  ``SimulatedCores``: its one-process simulation.
 """
 
 from privasr.clipping.engines import (ENGINES, ClipResult, Engine, ReferenceEngine,
                                       VectorizedEngine, get_engine, per_example_grads,
                                       register_engine)
 from privasr.clipping.noise import GaussianNoise, secure_standard_normal
+from privasr.clipping.percore import PerCoreGradient, SimulatedCores
 from privasr.clipping.policy import (ClipPolicy, PolicyError, assign_groups,
                                      split_noise_multiplier)
 from privasr.clipping.strategy import ClippedGradient
@@ -20,4 +23,4 @@ from privasr.clipping.strategy import ClippedGradient
 __all__ = ["ClipPolicy", "PolicyError", "assign_groups", "split_noise_multiplier", "ENGINES",
            "ClipResult", "Engine", "ReferenceEngine", "VectorizedEngine", "get_engine",
            "per_example_grads", "register_engine", "ClippedGradient", "GaussianNoise",
-           "secure_standard_normal"]
+           "secure_standard_normal", "PerCoreGradient", "SimulatedCores"]

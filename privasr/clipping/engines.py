@@ -50,7 +50,7 @@ from privasr.data.dataset import Batch
 
 __all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
            "resolve_layers", "trainable_parameters", "ReferenceEngine", "VectorizedEngine",
-           "BookkeepingEngine", "AutoEngine",
+           "BookkeepingEngine", "AutoEngine", "unit_norms", "clip_one",
            "per_example_grads"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -218,13 +218,13 @@ def _grads(loss: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 # reference engine
 # ---------------------------------------------------------------------------------------------
-def _unit_norms(g: dict[str, Tensor], spec: LayerSpec) -> tuple[dict[str, float], float]:
+def unit_norms(g: dict[str, Tensor], spec: LayerSpec) -> tuple[dict[str, float], float]:
     """(per-tensor L2 norms, total L2 norm) of one unit, in float64."""
     layer = {n: math.sqrt(float(g[n].double().pow(2).sum())) for n in spec.names}
     return layer, math.sqrt(sum(v * v for v in layer.values()))
 
 
-def _clip_one(g: dict[str, Tensor], layer: dict[str, float], total: float, spec: LayerSpec,
+def clip_one(g: dict[str, Tensor], layer: dict[str, float], total: float, spec: LayerSpec,
               c: float) -> tuple[dict[str, Tensor], bool]:
     """One unit, written as plainly as possible (the ground truth for the vectorized math)."""
     if spec.mode == "global":
@@ -271,7 +271,7 @@ class ReferenceEngine(Engine):
             loss_sum += float(losses.detach().sum())
             unit_grads.append(_grads(losses.mean(), params))
 
-        measured = [_unit_norms(g, spec) for g in unit_grads]
+        measured = [unit_norms(g, spec) for g in unit_grads]
         norms = [total for _, total in measured]
         if policy.bound == "adaptive_min":
             c = min(norms) if norms else math.nan
@@ -280,7 +280,7 @@ class ReferenceEngine(Engine):
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         flags = []
         for g, (layer, norm) in zip(unit_grads, measured):
-            cg, was = _clip_one(g, layer, norm, spec, c)
+            cg, was = clip_one(g, layer, norm, spec, c)
             flags.append(was)
             for n in spec.names:
                 total[n] += cg[n]

@@ -1,7 +1,7 @@
 """Clip one client's model delta: the unit of federated DP is a client (one speaker).
 
 The per-tensor math is the engines' (``privasr.clipping.engines``): the same ``LayerSpec``
-(global / per-layer bounds / "uniform" rule) and the same ``_clip_one``, so a delta is clipped
+(global / per-layer bounds / "uniform" rule) and the same ``clip_one``, so a delta is clipped
 exactly like a per-example gradient would be. The scope is validated by ``ClipPolicy``; its
 unit is ``batch`` there (one whole delta is one unit), noise and denominator are the server's.
 """
@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from privasr.clipping.engines import LayerSpec, _clip_one, _unit_norms, resolve_layers
+from privasr.clipping.engines import LayerSpec, clip_one, unit_norms, resolve_layers
 from privasr.clipping.policy import ClipPolicy
 
 __all__ = ["DeltaClipper", "ClippedDelta", "clip_policy"]
@@ -57,6 +57,6 @@ class DeltaClipper:
         if missing:
             raise ValueError(f"client delta lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
         g = {n: delta[n] for n in self.spec.names}
-        layer, total = _unit_norms(g, self.spec)
-        out, clipped = _clip_one(g, layer, total, self.spec, self.policy.clip_norm)
+        layer, total = unit_norms(g, self.spec)
+        out, clipped = clip_one(g, layer, total, self.spec, self.policy.clip_norm)
         return ClippedDelta(out, total, clipped)
