@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interleave import interleave  # noqa: E402
+from interleave import add_step_arguments, interleave  # noqa: E402
 from train_throughput import make_batch  # noqa: E402
 
 from privasr.clipping.policy import ClipPolicy  # noqa: E402
@@ -347,12 +347,7 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
 # ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_arguments(ap)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-check", action="store_true")

@@ -3,9 +3,20 @@ A, B, C, A, B, C, ...; wall and CPU time per step; medians and per-round ratios 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
+
+
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model / batch / timing options every step benchmark shares."""
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
 
 
 def interleave(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interleave import interleave, summarize  # noqa: E402
+from interleave import add_step_arguments, interleave, summarize  # noqa: E402
 from train_throughput import make_batch  # noqa: E402
 
 from privasr.clipping.policy import ClipPolicy  # noqa: E402
@@ -154,14 +154,9 @@ def measure_memory(a: argparse.Namespace, variants: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_arguments(ap)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--engine", default="vectorized", help="clipping engine of the DP variants")
+    ap.add_argument("--engine", default="auto", help="clipping engine of the DP variants")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
