@@ -3,11 +3,14 @@
     python benchmarks/fl_dp.py [--config configs/fl_dp.yaml] [--work runs/fl_dp]
         [--out benchmarks/results/fl_dp.json] [--seed-recipe configs/demo.yaml]
         [--seed-fraction 0.2] [--seed-override optim.max_steps=1700 ...]
+        [--seed-checkpoint runs/dp_peft/pretrain/last.pt]
         [--variants global:fedavg:1.0,per_layer_uniform:lamb:0.005,...] [FL overrides ...]
 
 1. Splits the training speakers of the corpus: a seed fraction ("public" speakers) trains the
    seed model centrally (`privasr train` with --seed-recipe); the other speakers are the FL
-   clients. Test speakers are unseen by both.
+   clients. Test speakers are unseen by both. --seed-checkpoint instead starts from a model
+   trained elsewhere (e.g. the DP-PEFT experiment's model pre-trained on the *public* corpus,
+   which shares no speaker and no sentence with this one); every training speaker is a client.
 2. Runs every variant clipping:server_optimizer:server_lr as `privasr fl` (Flower Simulation
    Runtime) from the seed model, all at the recipe's target user-level ε (same rounds, q, δ,
    hence the same σ). clipping per_layer uses static bounds C/√L on every tensor.
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-fraction", type=float, default=0.2)
     ap.add_argument("--seed-override", action="append", default=[],
                     help="key=value for the seed model's training recipe (repeatable)")
+    ap.add_argument("--seed-checkpoint", default="",
+                    help="start every variant from this model instead of training a seed model "
+                         "on --seed-fraction of the speakers (all speakers are then clients)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the FL recipe")
     a = ap.parse_args(argv)
@@ -127,15 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     seed_cfg = load_config(a.seed_recipe, seed_over + list(a.seed_override))
     ensure_corpus(seed_cfg)
     paths = manifest_paths(seed_cfg)
-    seed_m, fl_m, n_seed, n_fl = split_speakers(paths["train"], work / "manifests",
-                                                a.seed_fraction, base.seed)
-    seed_cfg = load_config(a.seed_recipe, seed_over + list(a.seed_override) + [
-        f"data.train={seed_m}", f"data.dev={paths['dev']}", f"data.test={paths['test']}"])
-    from privasr.train.recipe import run_training
+    if a.seed_checkpoint:
+        from privasr.train.recipe import evaluate_checkpoint
 
-    print(f"seed model: {n_seed} speakers, central training ({seed_cfg.optim.max_steps} steps)")
-    seed_res = run_training(seed_cfg)
-    print(f"seed model test WER {seed_res['test_wer']:.3f} CER {seed_res['test_cer']:.3f}")
+        seed_ckpt, fl_m = Path(a.seed_checkpoint), paths["train"]
+        if not seed_ckpt.is_file():
+            raise SystemExit(f"--seed-checkpoint {seed_ckpt}: no such file")
+        n_seed, n_fl = 0, len({u.speaker for u in read_manifest(fl_m)})
+        ev = evaluate_checkpoint(seed_ckpt, seed_cfg)
+        seed_res = {"test_wer": ev["wer"], "test_cer": ev["cer"], "steps": None,
+                    "checkpoint": str(seed_ckpt)}
+        print(f"seed model {seed_ckpt}: test WER {ev['wer']:.3f} CER {ev['cer']:.3f}")
+    else:
+        seed_m, fl_m, n_seed, n_fl = split_speakers(paths["train"], work / "manifests",
+                                                    a.seed_fraction, base.seed)
+        seed_cfg = load_config(a.seed_recipe, seed_over + list(a.seed_override) + [
+            f"data.train={seed_m}", f"data.dev={paths['dev']}", f"data.test={paths['test']}"])
+        from privasr.train.recipe import run_training
+
+        print(f"seed model: {n_seed} speakers, central training ({seed_cfg.optim.max_steps} "
+              f"steps)")
+        seed_res = run_training(seed_cfg)
+        seed_ckpt = work / "seed" / "last.pt"
+        print(f"seed model test WER {seed_res['test_wer']:.3f} CER {seed_res['test_cer']:.3f}")
 
     # 2. FL + DP variants from the seed model
     from privasr.federated.app import run_simulation_fl
@@ -148,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for clipping, opt, lr in variants:
         name = f"{clipping}-{opt}-lr{lr:g}"
         extra = [f"dp.clipping={clipping}", f"server.optimizer={opt}", f"server.lr={lr}",
-                 f"out_dir={work / name}", f"init_checkpoint={work / 'seed' / 'last.pt'}",
+                 f"out_dir={work / name}", f"init_checkpoint={seed_ckpt}",
                  f"data.train={fl_m}", f"data.dev={paths['dev']}", f"data.test={paths['test']}"]
         if clipping == "per_layer":   # static bounds: the uniform rule's C/√L on every tensor
             c = base.dp.clip_norm / math.sqrt(n_tensors)
@@ -179,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     "device": base.device},
         "privacy_unit": "speaker (user-level, one client = one speaker)",
         "seed_model": {"speakers": n_seed, "test_wer": seed_res["test_wer"],
-                       "test_cer": seed_res["test_cer"], "steps": seed_res["steps"]},
+                       "test_cer": seed_res["test_cer"], "steps": seed_res["steps"],
+                       "checkpoint": str(seed_ckpt)},
         "fl_speakers": n_fl, "rows": rows, "extrapolation": extrapolation,
         "per_layer_lamb_beats_global_fedavg": (
             best[("per_layer_uniform", "lamb")] < best[("global", "fedavg")]

@@ -175,16 +175,16 @@ def test_frozen_parameters_get_no_gradient_and_no_noise(method):
             assert torch.equal(p, frozen[n]), n
 
 
-@pytest.mark.parametrize("method", ["lora", "rp", "adapters"])
-def test_peft_per_example_gradients_vectorized_equal_reference(method):
+@pytest.mark.parametrize("engine", ["vectorized", "bookkeeping"])
+@pytest.mark.parametrize("method", ["lora", "rp", "adapters", "bitfit", "full"])
+def test_peft_per_example_gradients_equal_reference(method, engine):
     model = _model()
     apply_peft(model, method, FinetuneConfig(lora_rank=3, adapter_dim=4))
     _randomise_lora(model)                    # so that LoRA's A also has non-zero gradients
     batches = [_batch(3, seed=1), _batch(2, seed=2)]
     policy = ClipPolicy(unit="example", clip_norm=0.05, noise_multiplier=0.0)
     ref = get_engine("reference").clipped_sum(model, batches, per_example_ctc, policy)
-    vec = get_engine("vectorized", chunk_size=2).clipped_sum(model, batches, per_example_ctc,
-                                                             policy)
+    vec = get_engine(engine, chunk_size=2).clipped_sum(model, batches, per_example_ctc, policy)
     assert set(ref.grads) == {n for n, p in model.named_parameters() if p.requires_grad}
     torch.testing.assert_close(vec.norms, ref.norms, rtol=1e-4, atol=1e-7)
     assert ref.clipped.any()

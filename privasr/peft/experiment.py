@@ -83,19 +83,9 @@ def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[
 
 def _zero_shot(ckpt: Path, finetune: str, overrides: list[str]) -> dict[str, Any]:
     """The pre-trained model (its own CTC head) on the private test speakers."""
-    from privasr.data.manifest import SkipReport
-    from privasr.data.tokenizer import CharTokenizer
-    from privasr.inference import load_model
-    from privasr.train.evaluate import evaluate
-    from privasr.train.recipe import ensure_corpus, load_split, manifest_paths
-    from privasr.train.trainer import pick_device
+    from privasr.train.recipe import evaluate_checkpoint
 
-    cfg = load_config(finetune, overrides)
-    ensure_corpus(cfg, log=lambda *_: None)
-    test = load_split(manifest_paths(cfg)["test"], cfg, CharTokenizer(), SkipReport())
-    device = pick_device(cfg.device)
-    model, vocab = load_model(ckpt, device=str(device))
-    return evaluate(model, test, vocab, device=device)
+    return evaluate_checkpoint(ckpt, load_config(finetune, overrides))
 
 
 def step_seconds(run_dir: str | Path, fallback: float | None) -> float | None:

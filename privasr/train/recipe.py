@@ -72,6 +72,17 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> ConformerCTC:
                                    dropout=cfg.model.dropout))
 
 
+def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig, split: str = "test") -> dict:
+    """A saved model (with its own CTC head) on the recipe's ``split``: {wer, cer, loss, ...}."""
+    from privasr.inference import load_model
+
+    ensure_corpus(cfg, log=lambda *_: None)
+    data = load_split(manifest_paths(cfg)[split], cfg, CharTokenizer(), SkipReport())
+    device = pick_device(cfg.device)
+    model, vocab = load_model(ckpt, device=str(device))
+    return evaluate(model, data, vocab, device=device)
+
+
 def run_training(cfg: TrainConfig, log=print) -> dict:
     """Train per the recipe (resuming from ``out_dir/last.pt`` if present); return results."""
     import torch
