@@ -356,3 +356,14 @@ def test_step_seconds_come_from_the_logged_steps(tmp_path):
     for step, secs in ((10, 3.0), (20, 1.0), (30, 2.0)):
         log.log("train", step, {"loss": 1.0, "step_seconds": secs})
     assert step_seconds(tmp_path, None) == 2.0
+
+
+def test_dp_peft_experiment_refuses_a_missing_pretrained_checkpoint(tmp_path):
+    from privasr.config import ConfigError
+    from privasr.peft.experiment import DpPeftConfig, run_experiment
+
+    cfg = DpPeftConfig(out_dir=str(tmp_path / "x"), results=str(tmp_path / "r.json"),
+                       pretrained=str(tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match="nope.pt"):
+        run_experiment(cfg, log=lambda *_: None)
+    assert not (tmp_path / "x" / "pretrain").exists()      # nothing was trained instead

@@ -44,6 +44,7 @@ class DpPeftConfig:
     device: str = "auto"
     seed: int = 0
     pretrain_steps: int = 0  # 0: the recipe's optim.max_steps
+    pretrained: str = ""  # a checkpoint to fine-tune instead of pre-training (e.g. another run's)
     finetune_steps: int = 0
     lr: dict = field(default_factory=dict)  # method -> learning rate (default: the recipe's)
     nonprivate_lr: float = 0.0  # 0: lr of "full"
@@ -158,12 +159,17 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         write_peft_report(out, rows, summary)
 
-    pre_dir = out / "pretrain"
-    pre_over = [f"out_dir={pre_dir}", *common, *cfg.pretrain_overrides] + (
-        [f"optim.max_steps={cfg.pretrain_steps}"] if cfg.pretrain_steps else [])
-    pre = _run(cfg.pretrain, pre_over, log)
-    extra["pretrain_public_test_wer"] = pre["test_wer"]
-    ckpt = pre_dir / "last.pt"
+    if cfg.pretrained:
+        ckpt = pre_dir = Path(cfg.pretrained)
+        if not ckpt.is_file():
+            raise ConfigError(f"pretrained: {ckpt} is not a checkpoint file")
+    else:
+        pre_dir = out / "pretrain"
+        pre_over = [f"out_dir={pre_dir}", *common, *cfg.pretrain_overrides] + (
+            [f"optim.max_steps={cfg.pretrain_steps}"] if cfg.pretrain_steps else [])
+        pre = _run(cfg.pretrain, pre_over, log)
+        extra["pretrain_public_test_wer"] = pre["test_wer"]
+        ckpt = pre_dir / "last.pt"
     ft_common = [*common, f"init={ckpt}", *cfg.finetune_overrides] + (
         [f"optim.max_steps={cfg.finetune_steps}"] if cfg.finetune_steps else [])
 
