@@ -84,9 +84,16 @@ class PrivacyConfig:
     # the ε budget: a step that would exceed it stops training; σ is calibrated so that
     # optim.max_steps spend it, unless privacy.policy gives noise_multiplier explicitly
     target_epsilon: float | None = None
-    delta: float | None = None  # default 1/N (N = training utterances)
+    delta: float | None = None  # default min(1e-5, N^-1.1) (N = training utterances)
     accounting: str = "pld"  # pld | rdp (dp-accounting)
-    secure_noise: bool = False  # noise from os.urandom instead of a seeded generator
+    # secret: with σ > 0 the noise (os.urandom) and the Poisson draws (a key held in memory)
+    # are secret, as the ε assumes. seeded: both from the public seed, reproducible, for
+    # debugging only -- the run then has no guarantee and no ε is printed or written
+    randomness: str = "secret"
+    # per-step statistics of the private batch (loss, norm quantiles, fraction clipped,
+    # realised batch size / audio seconds) are not covered by ε: off for DP runs unless this
+    # is true, and then listed in the results as outside the guarantee
+    log_private_stats: bool = False
 
 
 @dataclass

@@ -110,6 +110,20 @@ def test_one_run_all_correct_none_correct_and_correction():
     assert b.epsilon == 0.0
 
 
+def test_analyze_fdp_bound_exceeds_steinke_on_separated_scores():
+    from privasr.audit.analysis import analyze, format_tables
+    from privasr.audit.scoring import CanaryScore
+
+    rng = np.random.default_rng(0)
+    ins = rng.random(200) < 0.5
+    loss = np.where(ins, 0.0, 2.0) + rng.normal(size=200)
+    scores = [CanaryScore(f"c{i}", "a", bool(b), 1, "a", False, 1.0, float(x))
+              for i, (b, x) in enumerate(zip(ins, loss))]
+    res = analyze(scores, delta=1e-5)
+    assert res["one_run_fdp"]["epsilon"] > res["one_run"]["epsilon"] > 0
+    assert "Gaussian-DP family" in format_tables(res)
+
+
 def test_one_run_bound_on_pure_noise_is_rarely_positive():
     rng = np.random.default_rng(1)
     pos = sum(one_run_epsilon(rng.normal(size=60), rng.random(60) < 0.5).epsilon > 0
@@ -155,5 +169,16 @@ def test_analyze_tables_by_hand():
     assert res["one_run"]["epsilon"] == one_run_epsilon(
         [-s.loss for s in scores], [s.inserted for s in scores]).epsilon
     assert "one-run ε lower bound" in format_tables(res)
+    # the f-DP bound: same grid and Bonferroni rule; δ = 0 audits f_(ε,0) (pure DP)
+    from privasr.audit.fdp import one_run_fdp_epsilon
+
+    f = res["one_run_fdp"]
+    assert f["family"] == "eps_delta" and f["grid_size"] == res["one_run"]["grid_size"]
+    assert f["epsilon"] == one_run_fdp_epsilon([-s.loss for s in scores],
+                                               [s.inserted for s in scores], delta=0.0,
+                                               family="eps_delta").epsilon
+    g = analyze(scores, delta=1e-5)["one_run_fdp"]
+    assert g["family"] == "gaussian" and g["delta"] == 1e-5
+    assert "f-DP one-run ε lower bound" in format_tables(analyze(scores, delta=1e-5))
     with pytest.raises(ValueError, match="held out"):
         analyze([s for s in scores if s.inserted])

@@ -43,7 +43,8 @@ def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokeniz
     copies = [u for u in training_copies(canaries) if u.id.rsplit("_rep", 1)[0] not in bad]
     ds = AsrDataset(list(train_ds.utts) + copies,
                     list(train_ds.feats) + [feats[u.id.rsplit("_rep", 1)[0]] for u in copies],
-                    tok, subsampling=subsampling, report=train_ds.report)
+                    tok, subsampling=subsampling, report=train_ds.report,
+                    source_of=train_ds.source_of)
     info = {"canaries": str(path), "n": len(canaries), "inserted": len(inserted),
             "held_out": len(canaries) - len(inserted), "training_copies": len(copies),
             "infeasible_not_inserted": len(bad)}

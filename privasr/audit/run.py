@@ -53,7 +53,8 @@ def run_audit(ckpt_path: str | Path, canaries_path: str | Path, *, out: str | Pa
         log(f"warning: {res['warning']}")
     if claim:
         log(f"claimed: ε = {claim['epsilon']:.3f} at δ = {claim['delta']:.3g} ({claim['unit']}); "
-            f"audited lower bound {res['one_run']['epsilon']:.3f}")
+            f"audited lower bound {res['one_run']['epsilon']:.3f} (Steinke), "
+            f"{res['one_run_fdp']['epsilon']:.3f} (f-DP)")
     out_path = Path(out) if out else Path(ckpt_path).with_suffix(".audit.json")
     atomic_write_text(out_path, json.dumps(res, indent=1))
     from privasr.audit.report import write_audit_report

@@ -22,7 +22,9 @@ dilation, groups) and ``nn.LayerNorm``, and subclasses that keep their ``forward
 per-call gradients summed. Contract: a trainable parameter is used only inside its own module's
 ``forward`` (no weight tying through ``F.linear(x, other.weight)``), and a hooked module's output
 is not modified in place afterwards (checked: it raises). Any other module owning trainable
-parameters raises a ``TypeError`` naming it -- use the ``vectorized`` engine for such models.
+parameters is refused with an ``UnsupportedModuleError`` (a ``PolicyError`` and a ``TypeError``)
+naming every such module and the engines that can run it: ``vectorized`` (unless torch.func.vmap
+cannot run the module either, e.g. nn.GRU / nn.LSTM), ``reference`` and ``auto``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from privasr.clipping.policy import PolicyError
 from privasr.data.dataset import Batch
 
-__all__ = ["SUPPORTED", "hooked_per_example_grads", "hooked_clipped_sum", "check_supported"]
+__all__ = ["SUPPORTED", "VMAP_UNSUPPORTED", "UnsupportedModuleError", "hooked_per_example_grads",
+           "hooked_clipped_sum", "check_supported", "unsupported_modules", "vmap_unsupported",
+           "describe_modules"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
+# Modules torch.func.vmap cannot run at all (no batching rule for aten::gru / lstm / rnn_tanh /
+# rnn_relu, and no fallback): the ``vectorized`` engine fails on them too, frozen or not.
+VMAP_UNSUPPORTED: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+
+
+class UnsupportedModuleError(PolicyError, TypeError):
+    """An engine cannot compute per-example gradients of some modules of the model.
+
+    ``modules``: {qualified name: what is wrong (the type, and why)}; ``engine``: the engine
+    that refuses; ``alternatives``: engines that can run the model; ``reason``: why, in short.
+    A ``PolicyError`` (the run is misconfigured) and, for callers of ``check_supported``, a
+    ``TypeError``.
+    """
+
+    def __init__(self, message: str, *, engine: str, modules: dict[str, str],
+                 alternatives: tuple[str, ...], reason: str = "") -> None:
+        super().__init__(message)
+        self.engine, self.modules, self.alternatives = engine, dict(modules), alternatives
+        self.reason = reason or message
+
+
+def describe_modules(modules: dict[str, str], limit: int = 6) -> str:
+    """``'rnn' (GRU), 'head' (Embedding)`` -- at most ``limit`` of them, then a count."""
+    shown = [f"{name or '<root>'!r} ({what})" for name, what in list(modules.items())[:limit]]
+    more = len(modules) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -59,23 +90,51 @@ def _owners(model: nn.Module) -> dict[str, nn.Module]:
             if any(p.requires_grad for p in mod.parameters(recurse=False))}
 
 
+def _unsupported_reason(mod: nn.Module) -> str | None:
+    """Why bookkeeping cannot hook ``mod`` (a module owning trainable parameters), or None."""
+    base = next((c for c in SUPPORTED if isinstance(mod, c)), None)
+    if base is None or type(mod).forward is not base.forward:
+        return type(mod).__name__
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (
+            mod.padding_mode != "zeros" or isinstance(mod.padding, str) and mod.padding != "valid"):
+        return (f"{type(mod).__name__} with padding={mod.padding!r}, "
+                f"padding_mode={mod.padding_mode!r}: only explicit zero padding is supported")
+    return None
+
+
+def unsupported_modules(model: nn.Module) -> dict[str, str]:
+    """{qualified name: type (and why)} of the modules owning trainable parameters that the
+    bookkeeping engine cannot compute per-example gradients of; empty when it supports all."""
+    out = {}
+    for name, mod in _owners(model).items():
+        why = _unsupported_reason(mod)
+        if why is not None:
+            out[name] = why
+    return out
+
+
+def vmap_unsupported(model: nn.Module) -> dict[str, str]:
+    """{qualified name: type} of the modules torch.func.vmap is known not to run
+    (``VMAP_UNSUPPORTED``), trainable or frozen."""
+    return {name: type(mod).__name__ for name, mod in model.named_modules()
+            if isinstance(mod, VMAP_UNSUPPORTED)}
+
+
 def check_supported(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules to hook; raises TypeError naming the first unsupported one."""
-    owners = _owners(model)
-    for name, mod in owners.items():
-        base = next((c for c in SUPPORTED if isinstance(mod, c)), None)
-        if base is None or type(mod).forward is not base.forward:
-            raise TypeError(
-                f"engine 'bookkeeping' computes per-example gradients of nn.Linear, nn.Conv1d, "
-                f"nn.Conv2d and nn.LayerNorm; module {name or '<root>'!r} "
-                f"({type(mod).__name__}) owns trainable parameters: use engine='vectorized'")
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (
-                mod.padding_mode != "zeros" or isinstance(mod.padding, str)
-                and mod.padding != "valid"):
-            raise TypeError(f"engine 'bookkeeping': module {name!r} uses padding="
-                            f"{mod.padding!r}, padding_mode={mod.padding_mode!r}; only explicit "
-                            f"zero padding is supported (use engine='vectorized')")
-    return owners
+    """The modules to hook; raises ``UnsupportedModuleError`` naming every unsupported one."""
+    bad = unsupported_modules(model)
+    if bad:
+        no_vmap = vmap_unsupported(model)
+        alternatives = ("reference", "auto") if no_vmap else ("vectorized", "reference", "auto")
+        why_not = (f" (not 'vectorized': torch.func.vmap has no batching rule for "
+                   f"{describe_modules(no_vmap)})" if no_vmap else "")
+        raise UnsupportedModuleError(
+            f"engine 'bookkeeping' computes per-example gradients of nn.Linear, nn.Conv1d, "
+            f"nn.Conv2d (explicit zero padding) and nn.LayerNorm only; module(s) "
+            f"{describe_modules(bad)} own trainable parameters and are not supported by it: "
+            f"use engine {' or '.join(repr(a) for a in alternatives)}{why_not}",
+            engine="bookkeeping", modules=bad, alternatives=alternatives)
+    return _owners(model)
 
 
 # -- per-module per-example gradients from (x, dL/dy) --------------------------------------------

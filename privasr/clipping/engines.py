@@ -8,11 +8,20 @@ truth the others are tested against. Register a new one with ``@register_engine`
                 Slow, obviously correct.
 ``vectorized``  per-example gradients of a chunk of examples in one pass, then per-unit norms
                 and clipping as tensor ops (micro-batch / core units: per-example gradients are
-                averaged into their groups first, then clipped). Any module.
+                averaged into their groups first, then clipped). Any module torch.func.vmap
+                can run (not nn.GRU / nn.LSTM / nn.RNN).
 ``bookkeeping``  the same clipping, with per-example gradients from one ordinary forward and an
                 activation-only backward (``privasr.clipping.bookkeeping``): the fastest, for
                 models built of Linear / Conv1d / Conv2d / LayerNorm (the Conformer-CTC).
-``auto``        ``bookkeeping`` when the model allows it, else ``vectorized`` (the default).
+``auto``        per model: ``bookkeeping`` when it supports every module owning trainable
+                parameters; else ``vectorized``, unless torch.func.vmap cannot run the model
+                (nn.GRU / nn.LSTM / nn.RNN, packed sequences, ...): then ``reference``, with a
+                one-time ``EngineFallbackWarning`` (the default engine).
+
+Unsupported models. ``bookkeeping`` and ``vectorized`` never compute a wrong gradient for a
+module they cannot handle: they refuse with an ``UnsupportedModuleError`` (a ``PolicyError``)
+naming the module(s) and the engines that can run them. ``vectorized`` counts a forward as
+unsupported when it fails under vmap but runs without it (anything else is re-raised as is).
 
 How ``vectorized`` gets per-example gradients. The usual ``vmap(grad(loss))`` would run the
 trainer's loss function under ``vmap``, which breaks twice for CTC: ``F.ctc_loss`` has no
@@ -34,6 +43,9 @@ G × (trainable parameters) for the group sums of micro-batch / core units.
 from __future__ import annotations
 
 import math
+import os
+import warnings
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -43,15 +55,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from privasr.clipping.bookkeeping import (check_supported, hooked_clipped_sum,
-                                          hooked_per_example_grads)
+from privasr.clipping.bookkeeping import (UnsupportedModuleError, describe_modules,
+                                          hooked_clipped_sum, hooked_per_example_grads,
+                                          unsupported_modules, vmap_unsupported)
 from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
 from privasr.data.dataset import Batch
 
 __all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
            "resolve_layers", "trainable_parameters", "ReferenceEngine", "VectorizedEngine",
            "BookkeepingEngine", "AutoEngine", "unit_norms", "clip_one",
-           "per_example_grads"]
+           "per_example_grads", "EngineFallbackWarning", "UnsupportedModuleError"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 UNIFORM_EPS = 1e-10  # ml-pfl4asr clip_layer_grads: g_l / (‖g_l‖ + 1e-10) · C/√L
@@ -326,8 +339,84 @@ class _PerExampleModel:
                 kw[k] = t.unsqueeze(0)
             return _first_row(functional_call(self._model, params, tuple(a), kw))
 
-        return vmap(one, randomness="different")(
-            self._replicas, *[args[i] for i in pos], *[kwargs[k] for k in keys])
+        try:
+            return vmap(one, randomness="different")(
+                self._replicas, *[args[i] for i in pos], *[kwargs[k] for k in keys])
+        except Exception as error:
+            refusal = _vmap_refusal(self._model, error, args, kwargs)
+            if refusal is None:
+                raise                   # the model fails without vmap too: a real error
+            raise refusal from error
+
+
+class _SavedState:
+    """The RNG streams and buffers of ``model`` at creation, to undo a forward's side effects
+    (dropout draws, BatchNorm running statistics)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+        self.cpu = torch.get_rng_state()
+        devs = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devs if d.type == "cuda"}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, d)
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                if k in self.buffers:
+                    b.copy_(self.buffers[k])
+
+
+def _runs_plainly(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model(*args, **kwargs)`` runs without vmap (no side effects kept)."""
+    saved = _SavedState(model)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:
+        return False
+    finally:
+        saved.restore()
+    return True
+
+
+def _failure_site(model: nn.Module, error: BaseException) -> tuple[str, nn.Module, str]:
+    """(qualified name, module) of the innermost module of ``model`` whose code raised
+    ``error`` (the root when none), and 'function (file:line)' of the innermost Python frame."""
+    names = {id(m): n for n, m in model.named_modules()}
+    name, mod, where = "", model, "?"
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        obj = frame.f_locals.get("self")
+        if obj is not None and id(obj) in names:
+            name, mod = names[id(obj)], obj
+        path = os.path.normpath(frame.f_code.co_filename).split(os.sep)
+        where = f"{frame.f_code.co_qualname} ({'/'.join(path[-2:])}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return name, mod, where
+
+
+def _vmap_refusal(model: nn.Module, error: Exception, args: tuple, kwargs: dict
+                  ) -> UnsupportedModuleError | None:
+    """The ``vectorized`` engine's refusal when ``model``'s forward fails under vmap but runs
+    without it; None when it fails without vmap too (then ``error`` is a real error)."""
+    if not _runs_plainly(model, args, kwargs):
+        return None
+    name, mod, where = _failure_site(model, error)
+    modules = {name: type(mod).__name__}
+    text = str(error).strip()
+    first = text.splitlines()[0][:240] if text else ""
+    detail = (f"runs without torch.func.vmap but fails under it ({type(error).__name__}: "
+              f"{first} -- in {where})")
+    reason = f"module {describe_modules(modules)} {detail}"
+    return UnsupportedModuleError(
+        f"module {describe_modules(modules)} is not supported by engine 'vectorized': its "
+        f"forward {detail}: use engine 'reference' or 'auto'",
+        engine="vectorized", modules=modules, alternatives=("reference", "auto"), reason=reason)
 
 
 def per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
@@ -504,7 +593,8 @@ class VectorizedEngine(Engine):
 class BookkeepingEngine(VectorizedEngine):
     """``vectorized``'s clipping, with per-example gradients from one ordinary forward and one
     activation-only backward (``privasr.clipping.bookkeeping``): no vmap, no parameter-gradient
-    products. Linear / Conv1d / Conv2d / LayerNorm modules only (others raise TypeError)."""
+    products. Linear / Conv1d / Conv2d / LayerNorm modules only (others are refused with an
+    ``UnsupportedModuleError``)."""
 
     name = "bookkeeping"
 
@@ -531,25 +621,76 @@ class BookkeepingEngine(VectorizedEngine):
                                   clipper.spec.names, clipper.factors, clipper.sums)
 
 
+class EngineFallbackWarning(UserWarning):
+    """``auto`` runs a model on the slower ``reference`` engine."""
+
+
 @register_engine
 class AutoEngine(Engine):
-    """``bookkeeping`` when every module owning trainable parameters is one it supports
-    (Linear / Conv1d / Conv2d / LayerNorm), else ``vectorized``; decided per model."""
+    """Decided per model (and per set of trainable parameters), once:
+
+    1. ``bookkeeping`` when it supports every module owning trainable parameters;
+    2. else ``reference`` when the model holds a module torch.func.vmap cannot run
+       (``VMAP_UNSUPPORTED``: nn.GRU / nn.LSTM / nn.RNN);
+    3. else ``vectorized``, on trial: the first real calls are the trial. If one is refused
+       (the forward fails under vmap but runs without it), the RNG streams and buffers are
+       restored, the call is redone on ``reference``, and ``reference`` is kept.
+
+    Falling back to ``reference`` warns once per model (``EngineFallbackWarning``), naming the
+    modules. Every engine computes the same ``ClipResult``, so the choice changes speed only.
+    Real errors (a non-finite loss, a model that fails without vmap too) propagate.
+    """
 
     name = "auto"
 
     def __init__(self, *, chunk_size: int = 16, store_limit_mb: float = 256.0) -> None:
         self.fast = BookkeepingEngine(chunk_size=chunk_size, store_limit_mb=store_limit_mb)
         self.general = VectorizedEngine(chunk_size=chunk_size)
+        self.slow = ReferenceEngine()
         self.chunk_size = chunk_size
+        self._chosen: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], Engine]] = (
+            weakref.WeakKeyDictionary())
 
     def choose(self, model: nn.Module) -> Engine:
-        try:
-            check_supported(model)
-        except TypeError:
-            return self.general
-        return self.fast
+        """The engine for ``model`` (``vectorized`` may still fall back on its first calls)."""
+        key = tuple(trainable_parameters(model))
+        hit = self._chosen.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        bad = unsupported_modules(model)
+        if not bad:
+            engine = self.fast
+        elif no_vmap := vmap_unsupported(model):
+            engine = self._fall_back(model, bad, f"torch.func.vmap has no batching rule for "
+                                                 f"{describe_modules(no_vmap)}")
+        else:
+            engine = self.general
+        self._chosen[model] = (key, engine)
+        return engine
+
+    def _fall_back(self, model: nn.Module, bad: dict[str, str], why: str) -> Engine:
+        """Record ``reference`` for ``model`` and warn once."""
+        self._chosen[model] = (tuple(trainable_parameters(model)), self.slow)
+        warnings.warn(
+            f"engine 'auto': {type(model).__name__} runs on the slower 'reference' engine (one "
+            f"forward/backward per example or group): module(s) {describe_modules(bad)} are "
+            f"not supported by 'bookkeeping', and 'vectorized' cannot run the model ({why})",
+            EngineFallbackWarning, stacklevel=2)
+        return self.slow
 
     def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
-        return self.choose(model).clipped_sum(model, batches, loss_fn, policy,
-                                              clip_norm=clip_norm, step=step)
+        engine = self.choose(model)
+        if engine is not self.general:
+            return engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
+                                      step=step)
+        saved = _SavedState(model)
+        try:
+            return engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
+                                      step=step)
+        except UnsupportedModuleError as refusal:
+            if refusal.engine != "vectorized":
+                raise
+            saved.restore()
+            self._fall_back(model, unsupported_modules(model), refusal.reason)
+        return self.slow.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
+                                     step=step)

@@ -289,9 +289,22 @@ class SimulatedCores:
     def __init__(self, clipped: Any) -> None:
         if clipped.policy.unit != "core":
             raise PolicyError(f"SimulatedCores needs unit='core' (got {clipped.policy.unit!r})")
-        self.clipped, self.policy = clipped, clipped.policy
+        self.clipped = clipped
         self._engine, self._norms = clipped.engine, [math.nan] * clipped.policy.num_cores
         clipped.engine = self          # ClippedGradient calls our clipped_sum
+
+    @property
+    def policy(self) -> ClipPolicy:
+        """The wrapped strategy's policy (the one its noise is drawn with)."""
+        return self.clipped.policy
+
+    @policy.setter
+    def policy(self, value: ClipPolicy) -> None:
+        self.clipped.policy = value
+
+    @property
+    def noise(self):
+        return self.clipped.noise
 
     def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
         res = self._engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,

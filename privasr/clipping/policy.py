@@ -32,8 +32,10 @@ Bounds
                      rescaled to the smallest norm. Data-dependent, hence σ = 0 only.
     ``quantile``     Andrew et al. 2021: clip to C_t, count the units with ‖g_u‖ ≤ C_t, noise
                      the count, C_{t+1} = C_t·exp(−η·(b̃_t − γ)) with
-                     b̃_t = (count + N(0, σ_b²)) / E[#units]. The count's noise multiplier σ_b
-                     is ``quantile_noise_multiplier``; see ``accounting_noise_multiplier``.
+                     b̃_t = (count + N(0, σ_b²)) / E[#units] (+ ½ for example units, whose
+                     count is centred: Σ(b_i − ½), sensitivity ½). The count's noise
+                     multiplier σ_b is ``quantile_noise_multiplier``; see
+                     ``accounting_noise_multiplier`` and ``count_sensitivity``.
 
 Scopes
     ``global``       one L2 norm over all trainable parameters: g · min(1, C/‖g‖).
@@ -250,9 +252,31 @@ class ClipPolicy:
             return 0.0
         z = self.noise_multiplier / self.sensitivity_factor
         if self.bound == "quantile":
-            z_count = self.quantile_noise_multiplier / (0.5 if self.unit == "example" else 1.0)
+            z_count = self.quantile_noise_multiplier / self.count_sensitivity
             z = (z ** -2 + z_count ** -2) ** -0.5
         return z
+
+    @property
+    def count_sensitivity(self) -> float:
+        """L2 sensitivity of the quantile bound's released count (:meth:`quantile_count`).
+
+        ½ for example units: the count is centred, Σ(b_i − ½) with b_i = 1[‖g_i‖ ≤ C_t] (Andrew
+        et al. 2021; TF Privacy's QuantileEstimatorQuery), so adding or removing one example
+        moves it by exactly ½. 1 for group units: one example can flip its group's b (or make
+        an empty group appear), and the count is Σ b_u.
+        """
+        return 0.5 if self.unit == "example" else 1.0
+
+    def quantile_count(self, unclipped: int, units: int) -> float:
+        """The count released (before its noise) for a step with ``units`` realised units of
+        which ``unclipped`` had norm ≤ C_t; its sensitivity is :attr:`count_sensitivity`."""
+        return unclipped - 0.5 * units if self.unit == "example" else float(unclipped)
+
+    def quantile_fraction(self, noised_count: float, denominator: float) -> float:
+        """b̃_t, the estimate of the unclipped fraction, from the noised released count and the
+        step's denominator (E[#units])."""
+        frac = noised_count / float(denominator)
+        return frac + 0.5 if self.unit == "example" else frac
 
     def num_groups(self, realised_batch_size: int) -> int:
         """G, the number of groups a logical batch is split into (1 unit per group)."""

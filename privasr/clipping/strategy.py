@@ -90,10 +90,10 @@ class ClippedGradient:
 
         bound_used = res.bound
         if pol.bound == "quantile":
-            count = float(res.unclipped)
+            count = pol.quantile_count(res.unclipped, res.units)
             if pol.quantile_noise_multiplier > 0:
                 count += float(self.noise.sample((), pol.quantile_noise_multiplier))
-            frac = count / denom
+            frac = pol.quantile_fraction(count, denom)
             self.clip_norm = float(self.clip_norm * math.exp(-pol.quantile_lr
                                                              * (frac - pol.target_quantile)))
         self.step += 1

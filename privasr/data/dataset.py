@@ -91,8 +91,11 @@ class AsrDataset:
 
     def __init__(self, utts: Sequence[Utterance], feats: Sequence[torch.Tensor],
                  tokenizer: CharTokenizer, *, subsampling: int = 4,
-                 report: SkipReport | None = None) -> None:
+                 report: SkipReport | None = None,
+                 source_of: dict[str, str] | None = None) -> None:
         self.report = report if report is not None else SkipReport()
+        # derived copies (e.g. speed perturbation): copy id -> the id of its source utterance
+        self.source_of: dict[str, str] = dict(source_of or {})
         self.utts, self.feats, self.targets = [], [], []
         for u, f in zip(utts, feats, strict=True):
             ids = tokenizer.encode(u.text, where=f"utterance {u.id!r}")
@@ -106,6 +109,16 @@ class AsrDataset:
 
     def __len__(self) -> int:
         return len(self.utts)
+
+    def privacy_units(self) -> list[list[int]] | None:
+        """Indices grouped by source utterance (a derived copy joins its source), in order of
+        first appearance; None when there are no derived copies (every example is a unit)."""
+        if not self.source_of:
+            return None
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(self.utts):
+            groups.setdefault(self.source_of.get(u.id, u.id), []).append(i)
+        return list(groups.values())
 
     @property
     def durations(self) -> list[float]:

@@ -1,7 +1,15 @@
-"""Poisson sampling of examples, as DP-SGD's accounting assumes, split into physical batches.
+"""Poisson sampling of privacy units, as DP-SGD's accounting assumes, split into physical batches.
 
-Each step includes every example independently with probability q = expected_batch_size / N.
-The draw of step t is a pure function of (seed, t), so a resumed run draws the same batches.
+Each step includes every privacy unit independently with probability q = expected_batch_size / N
+(N = units). The uniforms come from a :class:`~privasr.privacy.randomness.RandomSource`: secret
+(a key held in memory) for DP runs, seeded (a pure function of (seed, step), so a resumed run
+draws the same batches) otherwise.
+
+A unit is usually one utterance. When the training set holds derived copies of an utterance
+(speed-perturbed ``{id}_sp{s}``), the copies and their source form ONE unit (``members``): a
+sampled unit contributes one of its versions, chosen uniformly at random, so one utterance still
+moves one clipped gradient -- sensitivity C -- and N counts utterances, not copies.
+
 A logical batch is split into physical batches of at most ``max_physical`` examples, so memory
 stays bounded however large the draw (Opacus' BatchMemoryManager idea); the gradient strategy
 sees all physical batches of a step and adds noise once. A draw may be empty.
@@ -9,12 +17,22 @@ sees all physical batches of a step and adds noise once. A draw may be empty.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from privasr.privacy.randomness import RandomSource, SeededRandomness
 
 
 class PoissonSampler:
     def __init__(self, n: int, *, expected_batch_size: float, max_physical: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, source: RandomSource | None = None,
+                 members: Sequence[Sequence[int]] | None = None) -> None:
+        if members is not None:
+            members = [list(m) for m in members]
+            if len(members) != n or any(not m for m in members):
+                raise ValueError(f"members must list the dataset indices of each of the {n} "
+                                 "units (none empty)")
         if n < 1:
             raise ValueError("Poisson sampling needs at least one example")
         if not 0 < expected_batch_size <= n:
@@ -22,15 +40,21 @@ class PoissonSampler:
         if max_physical < 1:
             raise ValueError("max_physical must be >= 1")
         self.n, self.expected_batch_size = n, float(expected_batch_size)
-        self.max_physical, self.seed = max_physical, seed
+        self.max_physical = max_physical
+        self.source: RandomSource = source if source is not None else SeededRandomness(seed)
+        self.members = members
 
     @property
     def sample_rate(self) -> float:
         return self.expected_batch_size / self.n
 
     def draw(self, step: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, step, 0x9E37])
-        return np.flatnonzero(rng.random(self.n) < self.sample_rate).tolist()
+        """Dataset indices of step ``step``: one per sampled unit."""
+        units = np.flatnonzero(self.source.uniforms("poisson", step, self.n) < self.sample_rate)
+        if self.members is None:
+            return units.tolist()
+        pick = self.source.uniforms("version", step, len(units))
+        return [self.members[u][int(p * len(self.members[u]))] for u, p in zip(units, pick)]
 
     def logical_batch(self, step: int) -> list[list[int]]:
         """The physical batches (index lists) of step ``step``; [] when the draw is empty."""

@@ -78,6 +78,7 @@ __all__ = [
     "METHODS",
     "PrivacyUnit",
     "calibrate",
+    "default_delta",
     "default_sensitivity_factor",
     "epsilon",
     "epsilon_for_segments",
@@ -121,6 +122,19 @@ class PrivacyUnit(enum.StrEnum):
     @property
     def default_sensitivity_factor(self) -> float:
         return default_sensitivity_factor(self)
+
+
+def default_delta(population: int) -> float:
+    """δ for a population of N protected entities: min(1e-5, N^-1.1).
+
+    δ must be well below 1/N: a mechanism that publishes one random record whole is
+    (0, 1/N)-DP. N^-1.1 is the rule of "How to DP-fy ML" (Ponomareva et al. 2023, §5.2);
+    1e-5 caps it for the small populations of the embedded corpus.
+    """
+    n = int(population)
+    if n < 1:
+        raise ValueError(f"the population must be >= 1, got {population}")
+    return min(1e-5, float(n) ** -1.1)
 
 
 def _check_unit(unit: str | PrivacyUnit) -> PrivacyUnit:
@@ -336,7 +350,8 @@ class _Unreachable(Exception):
 
 def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: float, *,
               method: str = "pld", sensitivity_factor: float = 1.0, tol: float = 1e-3,
-              pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
+              pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+              prior_segments: Iterable[Sequence[float]] = ()) -> float:
     """The smallest noise multiplier σ with ``epsilon(σ, q, steps, δ) ≤ target_epsilon``.
 
     Bisection on σ (ε is decreasing in σ) down to a *relative* bracket width ``tol``; the value
@@ -349,6 +364,10 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
     bound) narrows it, then a few evaluations on the fine grid finish. About 1-4 s on one CPU
     core for typical DP-SGD settings, up to ~10 s when σ < 0.7 (large ε), where PLD is slow. σ below ``MIN_NOISE_MULTIPLIER`` (1e-2, effective) is not
     searched: if it already meets the target, that floor is returned.
+
+    ``prior_segments`` (steps, σ, q) already spent (e.g. before a resume with a new budget)
+    come first: σ is then the noise of the remaining ``steps`` so that the whole run spends
+    ``target_epsilon``.
 
     Raises ValueError for target_epsilon ≤ 0, δ ∉ (0, 1), q ∉ (0, 1], steps < 1, tol ∉ (0, 1),
     and when even σ = ``MAX_NOISE_MULTIPLIER``·k does not reach the target.
@@ -367,9 +386,14 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
     if math.isinf(target_epsilon):
         return 0.0
     fine = float(pld_discretization)
+    prior = _clean_segments(prior_segments, k)
+    if _epsilon_cached(prior, delta, method, fine) >= target_epsilon:
+        raise ValueError(f"the steps already taken spend ε ≥ {target_epsilon:g} at δ = {delta:g}: "
+                         "no noise multiplier can keep the remaining steps within the budget")
 
     def eps_fn(method_: str, grid: float):
-        return lambda sigma_eff: _epsilon_cached(((steps, sigma_eff, q),), delta, method_, grid)
+        return lambda sigma_eff: _epsilon_cached(prior + ((steps, sigma_eff, q),), delta,
+                                                 method_, grid)
 
     try:
         sigma = _bracket_and_bisect(eps_fn("rdp", fine), target_epsilon, 1.0,

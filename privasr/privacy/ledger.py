@@ -12,8 +12,17 @@ Usage in a training loop::
     ...
     ledger = PrivacyLedger.from_dict(ckpt["privacy_ledger"])   # resume continues the ledger
 
-The ledger records segments ``[steps, σ, q]``: a change of σ or q (:meth:`set_params`) starts a
-new segment, and ε composes all of them. ε is computed only when asked (and cached); the budget
+The ledger records segments ``[steps, σ, q]`` of what was actually applied: the strategy that
+adds the noise sets the current (σ, q) before every step (:meth:`set_params`), so a change of σ
+or q starts a new segment, and ε composes all of them (dp-accounting composes heterogeneous
+steps). A resumed run continues the checkpoint's ledger (:func:`resume_ledger`): σ, q, δ and
+the budget may change, each change is reported; a change of unit, sensitivity or accountant is
+refused.
+
+A ledger also records whether the run's randomness was secret (``secret_randomness``): with
+seeded noise or sampling anyone holding the recipe can recompute them, so there is no
+guarantee; the ledger then still counts (the budget still stops training) but prints and
+writes no ε. ε is computed only when asked (and cached); the budget
 check precomputes once, by binary search, how many steps at the current (σ, q) fit in the
 budget, so the per-step check is an integer comparison.
 """
@@ -43,9 +52,10 @@ from privasr.privacy.accountant import (
     max_steps,
 )
 
-__all__ = ["PrivacyBudgetExceeded", "PrivacyLedger"]
+__all__ = ["PrivacyBudgetExceeded", "PrivacyLedger", "LedgerMismatch", "resume_ledger"]
 
-LEDGER_FORMAT_VERSION = 1
+# 2: secret_randomness and population (format 1 ledgers had seeded Poisson sampling)
+LEDGER_FORMAT_VERSION = 2
 
 
 class PrivacyBudgetExceeded(StopTraining):
@@ -56,6 +66,10 @@ class PrivacyBudgetExceeded(StopTraining):
         self.epsilon_next = epsilon_next
         self.budget = budget
         self.steps_done = steps_done
+
+
+class LedgerMismatch(ValueError):
+    """A resumed run whose privacy settings cannot continue the checkpoint's ledger."""
 
 
 def _fmt(x: float) -> str:
@@ -80,6 +94,8 @@ class PrivacyLedger:
     ``segments`` holds what was already spent, as ``[steps, σ, q]`` lists. ``sensitivity_factor``
     defaults to the unit's (1 for example/client, 2 for microbatch/core; see
     :mod:`privasr.privacy.accountant`). ``target_epsilon`` None means no budget.
+    ``population`` N (examples or speakers) is shown as δ·N; ``secret_randomness`` False
+    (seeded noise or sampling) means no guarantee: no ε is printed or written.
     """
 
     noise_multiplier: float
@@ -90,6 +106,8 @@ class PrivacyLedger:
     target_epsilon: float | None = None
     method: str = "pld"
     segments: list[list] = field(default_factory=list)
+    population: int | None = None
+    secret_randomness: bool = True
     _budget_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +129,10 @@ class PrivacyLedger:
             self.target_epsilon = float(self.target_epsilon)
             if not (self.target_epsilon > 0.0):
                 raise ValueError(f"target_epsilon must be > 0 or None, got {self.target_epsilon}")
+        if self.population is not None:
+            self.population = int(self.population)
+            if self.population < 1:
+                raise ValueError(f"population must be >= 1, got {self.population}")
         cleaned = []
         for seg in self.segments:
             steps, sigma, q = seg
@@ -208,6 +230,11 @@ class PrivacyLedger:
             return
         eps_next = self.epsilon_after(n_more_steps)
         what = "the next step" if n_more_steps == 1 else f"the next {n_more_steps} steps"
+        if not self.secret_randomness:
+            raise PrivacyBudgetExceeded(
+                f"{what} would exceed the budget ε={_fmt(self.target_epsilon)} by the "
+                f"accountant's count; stopping ({self.steps} steps done). {NO_GUARANTEE}",
+                epsilon_next=eps_next, budget=self.target_epsilon, steps_done=self.steps)
         raise PrivacyBudgetExceeded(
             f"{what} would spend ε={_fmt(eps_next)} > budget ε={_fmt(self.target_epsilon)}; "
             f"stopping ({self.steps} steps done, ε spent = {_fmt(self.epsilon())}, "
@@ -218,8 +245,16 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ reporting / storage
 
+    def delta_times_n(self) -> float | None:
+        """δ·N: should be far below 1 (δ = 1/N allows publishing one record whole)."""
+        return None if self.population is None else self.delta * self.population
+
+    def claimed_epsilon(self) -> float | None:
+        """ε spent so far, or None when the run has no guarantee (seeded randomness)."""
+        return self.epsilon() if self.secret_randomness else None
+
     def summary(self) -> str:
-        """E.g. 'ε = 7.93 at δ = 3.2e-4 (unit: example, σ = 1.1, q = 0.004, 1200 steps, PLD)'."""
+        """E.g. 'ε = 7.93 at δ = 1e-5, δ·N = 0.034 (unit: example, σ = 1.1, q = 0.004, ...)'."""
         parts = [f"unit: {self.unit.value}"]
         sigmas = sorted({s[1] for s in self.segments if s[0]} | {self.noise_multiplier})
         qs = sorted({s[2] for s in self.segments if s[0]} | {self.sample_rate})
@@ -235,8 +270,12 @@ class PrivacyLedger:
         parts.append(self.method.upper())
         if self.target_epsilon is not None:
             parts.append(f"budget ε ≤ {_fmt(self.target_epsilon)}")
-        return (f"ε = {_fmt(self.epsilon())} at δ = {_fmt(self.delta)} ({', '.join(parts)}) — "
-                f"{self.unit.description}")
+        if not self.secret_randomness:
+            return f"{NO_GUARANTEE} ({', '.join(parts)})"
+        dn = self.delta_times_n()
+        dn_txt = "" if dn is None else f", δ·N = {_fmt(dn)}"
+        return (f"ε = {_fmt(self.epsilon())} at δ = {_fmt(self.delta)}{dn_txt} "
+                f"({', '.join(parts)}) — {self.unit.description}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able types (also loadable by ``torch.load(weights_only=True)``).
@@ -244,7 +283,7 @@ class PrivacyLedger:
         ``epsilon`` (spent; the string "inf" when infinite) and ``unit_description`` are
         informational for results.json and ignored by :meth:`from_dict`.
         """
-        eps = self.epsilon()
+        eps = self.claimed_epsilon()
         try:
             dp_version = importlib.metadata.version("dp-accounting")
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -260,7 +299,10 @@ class PrivacyLedger:
             "method": self.method,
             "segments": [[int(s[0]), float(s[1]), float(s[2])] for s in self.segments],
             "steps": int(self.steps),
-            "epsilon": eps if math.isfinite(eps) else "inf",
+            "epsilon": None if eps is None else (eps if math.isfinite(eps) else "inf"),
+            "population": self.population,
+            "delta_times_n": self.delta_times_n(),
+            "secret_randomness": bool(self.secret_randomness),
             "unit_description": self.unit.description,
             "dp_accounting_version": dp_version,
         }
@@ -274,4 +316,53 @@ class PrivacyLedger:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs["segments"] = [list(s) for s in d.get("segments", [])]
+        if version < 2:  # format 1: Poisson batches were always drawn from the public seed
+            kwargs["secret_randomness"] = False
         return cls(**kwargs)
+
+
+NO_GUARANTEE = ("NO DP GUARANTEE: seeded randomness (privacy.randomness=seeded, for debugging): "
+                "anyone with the recipe can recompute the noise and the sampled batches, so no "
+                "ε is printed or written")
+
+
+def resume_ledger(saved: PrivacyLedger, current: PrivacyLedger) -> tuple[PrivacyLedger, list[str]]:
+    """The ledger of a resumed run: ``saved`` (the checkpoint's spending) continued with the
+    ``current`` recipe's settings, and one message per change.
+
+    σ and q (also through the expected batch size or N) start a new segment; δ, N and the
+    budget are replaced (ε is recomputed at the new δ). Unit, sensitivity factor and accountant
+    cannot change within one run (the segments' meaning would change): LedgerMismatch. Seeded
+    randomness anywhere in the run voids the guarantee of all of it.
+    """
+    for name in ("unit", "sensitivity_factor", "method"):
+        a, b = getattr(saved, name), getattr(current, name)
+        if a != b:
+            raise LedgerMismatch(
+                f"cannot resume: the checkpoint's privacy ledger has {name} = {a}, the recipe "
+                f"{b}; a run's {name} is fixed (its spent steps mean something else under "
+                "another one): start a new run in another out_dir")
+    notes = []
+
+    def changed(label: str, a: Any, b: Any, what: str) -> None:
+        if a != b:
+            notes.append(f"privacy: {label} changed on resume, {_fmt(a) if isinstance(a, float) else a}"
+                         f" → {_fmt(b) if isinstance(b, float) else b}: {what}")
+
+    seg = "the remaining steps form a new segment; ε composes all segments"
+    changed("σ", saved.noise_multiplier, current.noise_multiplier, seg)
+    changed("q", saved.sample_rate, current.sample_rate, seg)
+    changed("N", saved.population, current.population, "q and δ·N follow the new N")
+    changed("δ", saved.delta, current.delta, "ε of the whole run is now reported at the new δ")
+    changed("budget ε", saved.target_epsilon, current.target_epsilon,
+            "the budget check uses the new one")
+    secret = saved.secret_randomness and current.secret_randomness
+    if saved.secret_randomness and not current.secret_randomness:
+        notes.append("privacy: seeded randomness from now on: the whole run loses its guarantee")
+    elif current.secret_randomness and not saved.secret_randomness:
+        notes.append("privacy: the checkpoint's steps used seeded randomness (or an older "
+                     "privasr whose Poisson batches came from the public seed): the run has "
+                     "no guarantee, whatever follows")
+    led = dataclasses.replace(current, segments=[list(x) for x in saved.segments],
+                              secret_randomness=secret)
+    return led, notes

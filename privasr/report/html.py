@@ -29,7 +29,7 @@ def training_figures(run_dir: str | Path) -> dict[str, str]:
     log = MetricsLogger(run_dir, tensorboard=False)
     train, dev = log.read("train"), log.read("dev")
     figs = {}
-    if train:
+    if train and "loss" in train[0]:   # a DP run withholds the private batches' loss
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         if dev:

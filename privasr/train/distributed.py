@@ -37,11 +37,12 @@ from privasr.clipping.percore import (FlatGrads, PerCoreGradient, SimulatedCores
                                       shard_batches)
 from privasr.clipping.policy import PolicyError
 from privasr.data.dataset import Batch
+from privasr.privacy.randomness import SecretRandomness
 from privasr.train.loss import NonFiniteLossError
 
 __all__ = ["DistContext", "init_distributed", "main_first", "broadcast_module",
            "DistributedMeanGradient", "NullLog", "prepare_config", "distribute_setup",
-           "contiguous_shard", "finish", "threads_per_rank"]
+           "contiguous_shard", "finish", "threads_per_rank", "share_randomness"]
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,26 @@ def distribute_setup(setup: Any, cfg: Any, ctx: DistContext | None
         raise PolicyError(f"privacy.policy.unit={setup.policy.unit!r} under torchrun: only "
                           "unit=core (per-core clipping, one core per rank) or no policy (plain "
                           "data parallel) run across processes; run other units on one process")
-    private = setup.strategy                   # PrivateGradient: keeps the ledger and generator
-    core = PerCoreGradient(setup.policy, generator=private.generator,
-                           secure_noise=cfg.privacy.secure_noise)
+    share_randomness(setup.plan)
+    private = setup.strategy                   # PrivateGradient: keeps the ledger
+    noise = private.clipped.noise
+    core = PerCoreGradient(setup.policy, generator=noise.generator, secure_noise=noise.secure)
     private.clipped = core
     return private, core.local_batches
+
+
+def share_randomness(plan: Any) -> None:
+    """Give every rank rank 0's secret sampling key (a broadcast in memory, never written), so
+    all ranks draw the same Poisson batch; seeded sources are already equal on every rank."""
+    sampler = getattr(plan, "sampler", None)
+    source = getattr(sampler, "source", None)
+    if source is None or not source.secret:
+        return
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    key = torch.tensor(list(source.key), dtype=torch.uint8, device=device)
+    dist.broadcast(key, 0)
+    sampler.source = SecretRandomness(bytes(key.cpu().tolist()))
 
 
 def finish(ctx: DistContext | None) -> None:

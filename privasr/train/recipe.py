@@ -19,6 +19,7 @@ from privasr.data.tokenizer import CharTokenizer
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters
 from privasr.train.evaluate import evaluate
 from privasr.peft.apply import finish_peft, prepare_model
+from privasr.privacy.statement import privacy_statement, statement_text
 from privasr.train.strategies import build_setup
 from privasr.train.timing import TimedGradient
 from privasr.train.trainer import Trainer, pick_device, set_threads
@@ -55,16 +56,20 @@ def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipRep
     if limit is not None:
         utts = utts[:limit]
     utts = validate(utts, on_error=cfg.data.on_error, report=report)
-    all_utts, all_feats = [], []
+    all_utts, all_feats, source_of = [], [], {}
     for speed in (1.0, *speeds):
         feats = compute_features(utts, FeatureConfig(speed=speed), cache_dir=path.parent / "feats",
                                  workers=cfg.data.feature_workers, progress=cfg.progress,
                                  desc=f"features {path.name}" + (f" x{speed}" if speed != 1 else ""))
         all_feats += feats
-        all_utts += utts if speed == 1.0 else [
-            dataclasses.replace(u, id=f"{u.id}_sp{speed}", duration=u.duration / speed)
-            for u in utts]
-    return AsrDataset(all_utts, all_feats, tok, report=report)
+        if speed == 1.0:
+            all_utts += utts
+            continue
+        for u in utts:
+            all_utts.append(dataclasses.replace(u, id=f"{u.id}_sp{speed}",
+                                                duration=u.duration / speed))
+            source_of[all_utts[-1].id] = u.id
+    return AsrDataset(all_utts, all_feats, tok, report=report, source_of=source_of)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> ConformerCTC:
@@ -119,13 +124,19 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     vocab = list(tok.symbols)
     setup = build_setup(cfg, train_ds)
     strategy, shard = D.distribute_setup(setup, cfg, ctx)
+    private = setup.ledger is not None and not cfg.privacy.log_private_stats
     trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(strategy),
-                      plan=setup.plan, dist=ctx, shard=shard)
+                      plan=setup.plan, dist=ctx, shard=shard,
+                      withhold=WITHHELD_METRICS if private else frozenset())
+    if setup.ledger is not None:
+        probe_independence(trainer, train_ds, strategy)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     if ctx is None or ctx.is_main:
         atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(to_dict(cfg), indent=1))
     if trainer.resume():
         log(f"resumed from {trainer.ckpt_path} at step {trainer.pos.step}")
+        for note in getattr(strategy, "notices", ()):
+            log(note)
     log(f"model {cfg.model.size}: {count_parameters(model):,} parameters; device "
         f"{trainer.device}, {threads} threads; train {len(train_ds)} utts "
         f"({sum(train_ds.durations) / 3600:.2f} h), dev {len(dev_ds)}, test {len(test_ds)}")
@@ -139,12 +150,21 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     privacy = None
     ledger = getattr(trainer.strategy, "ledger", None)
     if ledger is not None:
-        privacy = {"epsilon": ledger.epsilon(), "delta": ledger.delta, "unit": str(ledger.unit),
+        privacy = {"epsilon": ledger.to_dict()["epsilon"], "delta": ledger.delta,
+                   "delta_times_n": ledger.delta_times_n(), "unit": str(ledger.unit),
                    "noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate,
-                   "steps": ledger.steps, "method": ledger.method, "summary": ledger.summary()}
+                   "steps": ledger.steps, "method": ledger.method,
+                   "secret_randomness": ledger.secret_randomness, "summary": ledger.summary()}
         log(f"privacy: {ledger.summary()}")
-    elif setup.policy is not None:
-        log("privacy: clipping only (σ = 0): memorization mitigation, no formal DP guarantee")
+    statement = privacy_statement(
+        ledger, clipped=setup.policy is not None,
+        private_stats=ledger is not None and cfg.privacy.log_private_stats,
+        protects="utterance (with its speed-perturbed copies)"
+        if cfg.augment.speed_perturb else "example",
+        extra_outside=(["inserted audit canaries are repeated r times: r copies are protected "
+                        "only at group-privacy level r"] if canary_info else []))
+    if ledger is None:
+        log(statement_text(statement))
     results = {
         "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
         "dev": res.dev, "steps": res.steps, "train_wall_seconds": res.wall_seconds,
@@ -160,11 +180,34 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "trainable_params": count_parameters(model), "step_seconds":
         trainer.strategy.median_seconds(), "peft": finish_peft(cfg, trainer, peft),
         "world_size": 1 if ctx is None else ctx.world_size,
+        "privacy_statement": statement,
     }
+    if private:  # statistics of the private batches that ε does not cover
+        for key in ("final_train_loss", "audio_hours_seen"):
+            results[key] = None
     atomic_write_text(Path(cfg.out_dir) / "results.json", json.dumps(results, indent=1))
     write_run_report(cfg.out_dir, results)
     D.finish(ctx)
     return results
+
+
+# train.csv columns a DP run does not release (the strategy drops the others it computes)
+WITHHELD_METRICS = frozenset({"loss", "audio_s_per_s"})
+
+
+def probe_independence(trainer: Trainer, train_ds: AsrDataset, strategy) -> None:
+    """Before a DP run: refuse a model whose per-example gradients depend on the rest of the
+    batch or on padding (BatchNorm, unmasked pooling), which would void the sensitivity bound."""
+    from privasr.clipping.probe import check_per_example_independence
+    from privasr.train.loss import checked
+
+    clipped = getattr(strategy, "clipped", None)
+    engine = getattr(clipped, "engine", None) or getattr(clipped, "_engine", None)
+    if engine is None:   # torchrun per-core: one local mean per rank, no per-example engine
+        return
+    order = sorted(range(len(train_ds)), key=lambda i: train_ds.durations[i])[:4]
+    batch = train_ds.collate(order).to(trainer.device)
+    check_per_example_independence(trainer.model, batch, checked(trainer._loss), engine)
 
 
 def write_run_report(out_dir: str, results: dict) -> Path:
@@ -176,5 +219,6 @@ def write_run_report(out_dir: str, results: dict) -> Path:
     row = {"test_wer": results["test_wer"], "test_cer": results["test_cer"],
            "steps": results["steps"], "epsilon": p.get("epsilon"), "delta": p.get("delta"),
            "privacy unit": p.get("unit", "none")}
+    st = results.get("privacy_statement")
     return write_report(out_dir, f"privasr train: {Path(out_dir).name}", {"results": [row]},
-                        notes=p.get("summary", ""))
+                        notes=statement_text(st) if st else p.get("summary", ""))

@@ -3,6 +3,7 @@ strategy (ordinary, clipped per unit, DP-SGD) and the batch plan (buckets or Poi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -15,44 +16,129 @@ from privasr.clipping.strategy import ClippedGradient
 from privasr.config import TrainConfig
 from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler
 from privasr.data.poisson import PoissonSampler
-from privasr.privacy.accountant import PrivacyUnit, calibrate
-from privasr.privacy.ledger import PrivacyLedger
+from privasr.privacy.accountant import PrivacyUnit, calibrate, default_delta
+from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
+from privasr.privacy.randomness import RandomSource, SecretRandomness, SeededRandomness
 from privasr.train.gradient import BatchClipGradient, GradientStrategy, LossFn
 from privasr.train.trainer import BucketPlan, PoissonPlan
+
+
+# stats a DP strategy may release: functions of public settings or of already-noised values
+PUBLIC_STATS = ("noise_std", "bound")
 
 
 class PrivateGradient:
     """A clipped-gradient strategy whose steps are charged to a privacy ledger.
 
-    Before each step the ledger refuses (``PrivacyBudgetExceeded``, which stops training
-    cleanly) a step that would exceed the budget; the ledger, the bound state and the noise
-    generator are saved in every checkpoint and continued on resume.
+    The ledger records what this strategy applies: before each step it is set to the σ of the
+    policy the noise is drawn with and the q of the sampler, then the budget check refuses
+    (``PrivacyBudgetExceeded``, which stops training cleanly) a step that would exceed the
+    budget. ``state_dict`` holds the ledger and the bound state -- never noise or sampling
+    state, except for the seeded generator of a debugging run (which has no guarantee). On resume (:meth:`load_state_dict`) the checkpoint's ledger is continued with the
+    recipe's settings (:func:`privasr.privacy.ledger.resume_ledger`); when σ was calibrated to
+    a budget and the settings changed, σ is recalibrated so that the remaining steps fit the
+    (new) budget after the spent ones. ``notices`` says what changed.
+
+    ``private_stats`` False (the default for DP runs) drops the per-step statistics of the
+    private batch (loss, norm quantiles, fraction clipped, realised units and examples) from
+    what ``fill_grads`` returns: ε does not cover them.
     """
 
-    def __init__(self, clipped: ClippedGradient, ledger: PrivacyLedger | None,
-                 generator: torch.Generator | None) -> None:
-        self.clipped, self.ledger, self.generator = clipped, ledger, generator
+    def __init__(self, clipped: ClippedGradient, ledger: PrivacyLedger | None, *,
+                 sample_rate: float | None = None, calibration: "Calibration | None" = None,
+                 private_stats: bool = True) -> None:
+        self.clipped, self.ledger = clipped, ledger
+        self.sample_rate, self.calibration = sample_rate, calibration
+        self.private_stats = private_stats
+        self.notices: list[str] = []
+        if ledger is not None and sample_rate is None:
+            raise ValueError("a ledger needs the sampler's rate q")
+
+    def mechanism(self) -> tuple[float, float]:
+        """(σ as the ledger counts it, q) of the next step, from the policy the noise uses."""
+        pol = self.clipped.policy
+        return pol.accounting_noise_multiplier() * pol.sensitivity_factor, self.sample_rate
 
     def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
                    ) -> dict[str, float]:
         if self.ledger is not None:
+            sigma, q = self.mechanism()
+            self.ledger.set_params(noise_multiplier=sigma, sample_rate=q)
             self.ledger.check_before_step()
         stats = self.clipped.fill_grads(model, batches, loss_fn)
         if self.ledger is not None:
             self.ledger.record_step()
+        if not self.private_stats:
+            stats = {"loss": math.nan, **{k: v for k, v in stats.items() if k in PUBLIC_STATS}}
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clip": self.clipped.state_dict(),
-                "ledger": self.ledger.to_dict() if self.ledger is not None else None,
-                "noise_rng": self.generator.get_state() if self.generator is not None else None}
+        state = {"clip": self.clipped.state_dict(),
+                 "ledger": self.ledger.to_dict() if self.ledger is not None else None}
+        gen = self._seeded_generator()
+        if gen is not None:   # seeded (debugging, no guarantee): exact resume of the noise
+            state["noise_rng"] = gen.get_state()
+        return state
+
+    def _seeded_generator(self) -> torch.Generator | None:
+        noise = getattr(self.clipped, "noise", None)
+        return None if noise is None or noise.secure else noise.generator
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("ledger")
+        trained = int((state.get("clip") or {}).get("step", 0)) > 0
+        if saved is None and self.ledger is not None and trained:
+            raise LedgerMismatch("cannot resume: the checkpoint's steps were taken without DP "
+                                 "noise (no privacy ledger), so no ε can cover this run; start a "
+                                 "new run in another out_dir")
+        if saved is not None and self.ledger is None:
+            raise LedgerMismatch("cannot resume: the checkpoint is of a DP run (it has a privacy "
+                                 "ledger) but the recipe has no noise: continuing would void its "
+                                 "guarantee; keep the privacy settings or start a new run")
         self.clipped.load_state_dict(state["clip"])
-        if state.get("ledger") is not None:
-            self.ledger = PrivacyLedger.from_dict(state["ledger"])
-        if state.get("noise_rng") is not None and self.generator is not None:
-            self.generator.set_state(state["noise_rng"])
+        gen = self._seeded_generator()
+        if gen is not None and state.get("noise_rng") is not None:
+            gen.set_state(state["noise_rng"])
+        if saved is None:
+            return
+        old = PrivacyLedger.from_dict(saved)
+        self.ledger, self.notices = resume_ledger(old, self.ledger)
+        if self.calibration is not None and self.notices:
+            self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        led, cal = self.ledger, self.calibration
+        left = cal.max_steps - led.steps
+        if left < 1 or led.target_epsilon is None:
+            return
+        if led.would_exceed(0) or led.epsilon() >= led.target_epsilon:
+            return  # the budget check stops the run with its own message
+        z = calibrate(led.target_epsilon, led.delta, left, self.sample_rate, method=led.method,
+                      sensitivity_factor=led.sensitivity_factor, prior_segments=led.segments)
+        policy = dataclasses.replace(self.clipped.policy,
+                                     noise_multiplier=cal.policy_sigma(z / led.sensitivity_factor))
+        self.clipped.policy = policy
+        self.notices.append(f"privacy: σ recalibrated to {policy.noise_multiplier:.4g} for the "
+                            f"remaining {left} steps, so that the whole run spends the budget "
+                            f"ε = {led.target_epsilon:g} at δ = {led.delta:.3g}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How σ was derived from the budget: to recalibrate it on resume."""
+
+    max_steps: int
+    bound: str
+    unit: str
+    quantile_noise_multiplier: float
+    sensitivity_factor: float
+
+    def policy_sigma(self, z: float) -> float:
+        """The policy's σ for an accounting multiplier z (per unit of sensitivity)."""
+        if self.bound == "quantile":
+            z = split_noise_multiplier(z, self.quantile_noise_multiplier,
+                                       count_sensitivity=0.5 if self.unit == "example" else 1.0)
+        return z * self.sensitivity_factor
 
 
 @dataclass
@@ -66,56 +152,77 @@ class TrainingSetup:
 def build_setup(cfg: TrainConfig, train_ds: AsrDataset) -> TrainingSetup:
     """The strategy and batch plan the recipe asks for, validated against each other."""
     pc = cfg.privacy
-    n = len(train_ds)
     if pc.sampling not in ("bucket", "poisson"):
         raise PolicyError(f"privacy.sampling={pc.sampling!r}; valid: bucket, poisson")
-    if pc.sampling == "poisson":
-        plan = PoissonPlan(PoissonSampler(n, expected_batch_size=pc.expected_batch_size,
-                                          max_physical=pc.max_physical, seed=cfg.seed))
-    else:
-        plan = BucketPlan(DurationBucketSampler(
-            train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
-            seed=cfg.seed), cfg.optim.grad_accum)
+    if pc.randomness not in ("secret", "seeded"):
+        raise PolicyError(f"privacy.randomness={pc.randomness!r}; valid: secret, seeded")
     if not pc.policy:
         if pc.target_epsilon is not None:
             raise PolicyError("privacy.target_epsilon needs a privacy.policy (unit, clip_norm)")
-        return TrainingSetup(BatchClipGradient(max_norm=cfg.optim.max_grad_norm), plan, None, None)
+        return TrainingSetup(BatchClipGradient(max_norm=cfg.optim.max_grad_norm),
+                             _plan(cfg, train_ds, None), None, None)
 
     fields = dict(pc.policy)
+    units = train_ds.privacy_units() if pc.sampling == "poisson" else None
+    n = len(units) if units is not None else len(train_ds)
     if pc.sampling == "poisson":
         fields.setdefault("expected_batch_size", pc.expected_batch_size)
-    ledger = None
-    if pc.target_epsilon is not None or fields.get("noise_multiplier", 0) > 0:
-        if pc.sampling != "poisson":
-            raise PolicyError("noise with an (ε, δ) claim needs privacy.sampling=poisson: the "
-                              "accountant assumes Poisson sampling; duration buckets would "
-                              "make the claimed ε wrong")
-        if fields.get("unit", "example") == "batch":
-            raise PolicyError("unit=batch cannot give DP: one example's influence on the batch "
-                              "mean is not bounded per example; use unit=example or microbatch")
-        delta = pc.delta if pc.delta is not None else 1.0 / n
-        q = pc.expected_batch_size / n
-        probe = ClipPolicy.from_dict({**fields, "noise_multiplier": 1.0})
-        k = probe.sensitivity_factor
-        if pc.target_epsilon is not None and "noise_multiplier" not in fields:
-            # calibrate the per-step accounting multiplier z, then map it back to the policy's σ
-            z = calibrate(pc.target_epsilon, delta, cfg.optim.max_steps, q, method=pc.accounting)
-            if probe.bound == "quantile":
-                z = split_noise_multiplier(z, probe.quantile_noise_multiplier,
-                                           count_sensitivity=0.5 if probe.unit == "example" else 1)
-            fields["noise_multiplier"] = z * k
+    dp = pc.target_epsilon is not None or fields.get("noise_multiplier", 0) > 0
+    if not dp:
         policy = ClipPolicy.from_dict(fields)
-        unit = {"example": PrivacyUnit.EXAMPLE, "microbatch": PrivacyUnit.MICROBATCH,
-                "core": PrivacyUnit.CORE}[policy.unit]
-        # the ledger charges σ/k per step; k·(accounting multiplier) = σ unless the quantile
-        # bound's noised count also costs privacy
-        ledger = PrivacyLedger(noise_multiplier=policy.accounting_noise_multiplier() * k,
-                               sample_rate=q, delta=delta, unit=unit, sensitivity_factor=k,
-                               target_epsilon=pc.target_epsilon, method=pc.accounting)
-    else:
-        policy = ClipPolicy.from_dict(fields)
-    gen = None if pc.secure_noise else torch.Generator().manual_seed(cfg.seed + 7919)
-    chunk = {} if pc.engine == "reference" else {"chunk_size": pc.engine_chunk}
-    clipped = ClippedGradient(policy, pc.engine, generator=gen, secure_noise=pc.secure_noise,
-                              **chunk)
-    return TrainingSetup(PrivateGradient(clipped, ledger, gen), plan, ledger, policy)
+        clipped = ClippedGradient(policy, pc.engine, **_chunk(pc))
+        return TrainingSetup(PrivateGradient(clipped, None), _plan(cfg, train_ds, None),
+                             None, policy)
+
+    if pc.sampling != "poisson":
+        raise PolicyError("noise with an (ε, δ) claim needs privacy.sampling=poisson: the "
+                          "accountant assumes Poisson sampling; duration buckets would "
+                          "make the claimed ε wrong")
+    if fields.get("unit", "example") == "batch":
+        raise PolicyError("unit=batch cannot give DP: one example's influence on the batch "
+                          "mean is not bounded per example; use unit=example or microbatch")
+    delta = pc.delta if pc.delta is not None else default_delta(n)
+    q = pc.expected_batch_size / n
+    probe = ClipPolicy.from_dict({**fields, "noise_multiplier": 1.0})
+    k = probe.sensitivity_factor
+    calibration = None
+    if pc.target_epsilon is not None and "noise_multiplier" not in fields:
+        # calibrate the per-step accounting multiplier z, then map it back to the policy's σ
+        calibration = Calibration(cfg.optim.max_steps, probe.bound, probe.unit,
+                                  probe.quantile_noise_multiplier, k)
+        z = calibrate(pc.target_epsilon, delta, cfg.optim.max_steps, q, method=pc.accounting)
+        fields["noise_multiplier"] = calibration.policy_sigma(z)
+    policy = ClipPolicy.from_dict(fields)
+    unit = {"example": PrivacyUnit.EXAMPLE, "microbatch": PrivacyUnit.MICROBATCH,
+            "core": PrivacyUnit.CORE}[policy.unit]
+    secret = pc.randomness == "secret"
+    ledger = PrivacyLedger(noise_multiplier=policy.accounting_noise_multiplier() * k,
+                           sample_rate=q, delta=delta, unit=unit, sensitivity_factor=k,
+                           target_epsilon=pc.target_epsilon, method=pc.accounting,
+                           population=n, secret_randomness=secret)
+    gen = None if secret else torch.Generator().manual_seed(cfg.seed + 7919)
+    clipped = ClippedGradient(policy, pc.engine, generator=gen, secure_noise=secret,
+                              **_chunk(pc))
+    source = SecretRandomness() if secret else SeededRandomness(cfg.seed)
+    strategy = PrivateGradient(clipped, ledger, sample_rate=q, calibration=calibration,
+                               private_stats=pc.log_private_stats)
+    return TrainingSetup(strategy, _plan(cfg, train_ds, source), ledger, policy)
+
+
+def _chunk(pc) -> dict[str, int]:
+    return {} if pc.engine == "reference" else {"chunk_size": pc.engine_chunk}
+
+
+def _plan(cfg: TrainConfig, train_ds: AsrDataset, source: RandomSource | None) -> Any:
+    """Duration buckets, or Poisson sampling of privacy units (from ``source``: secret for DP
+    runs; None: the public seed)."""
+    pc = cfg.privacy
+    if pc.sampling == "poisson":
+        units = train_ds.privacy_units()
+        n = len(units) if units is not None else len(train_ds)
+        return PoissonPlan(PoissonSampler(n, expected_batch_size=pc.expected_batch_size,
+                                          max_physical=pc.max_physical, seed=cfg.seed,
+                                          source=source, members=units))
+    return BucketPlan(DurationBucketSampler(
+        train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
+        seed=cfg.seed), cfg.optim.grad_accum)

@@ -104,9 +104,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_ds: AsrDataset,
                  dev_ds: AsrDataset | None, vocab: list[str], *,
                  strategy: GradientStrategy | None = None, plan: Any = None,
-                 dist: Any = None, shard: Callable[[list[Batch]], list[Batch]] | None = None
-                 ) -> None:
+                 dist: Any = None, shard: Callable[[list[Batch]], list[Batch]] | None = None,
+                 withhold: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
+        # metric names this run must not release (a DP run: statistics of the private batch,
+        # e.g. loss and audio_s_per_s); they are neither logged nor shown on the progress bar
+        self.withhold = frozenset(withhold)
         # torchrun (privasr.train.distributed): ``dist`` is the DistContext, ``shard`` keeps
         # this rank's share of each logical batch; rank 0 alone logs, evaluates, checkpoints
         self.dist, self.shard = dist, shard
@@ -267,8 +270,10 @@ class Trainer:
                        else math.nan,
                        "lr": self.scheduler.get_last_lr()[0], "audio_s_per_s": rate,
                        **{k: v for k, v in stats.items() if k != "loss"}}
+                row = {k: v for k, v in row.items() if k not in self.withhold}
                 self.log.log("train", self.pos.step, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", audio_x=f"{rate:.1f}")
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "audio_s_per_s")
+                                 if k in row})
                 window, t_last = [], now
             if (self.pos.step % cfg.eval_every == 0 or self.pos.step == cfg.optim.max_steps) \
                     and self.is_main:
