@@ -43,7 +43,7 @@ def _dataset(n: int, copies: int = 0) -> AsrDataset:
             feats.append(torch.zeros(40, 80))
             if c:
                 source_of[uid] = f"u{i}"
-    return AsrDataset(utts, feats, CharTokenizer(), source_of=source_of)
+    return AsrDataset(utts, feats, CharTokenizer(), **({"source_of": source_of} if copies else {}))
 
 
 def _cfg(tmp_path, extra=()):
@@ -93,16 +93,15 @@ def test_dp_run_is_not_reproducible_from_its_recipe_and_checkpoint(tiny_corpus, 
     """Two runs of one DP recipe (same seed) must not draw the same noise and batches, and the
     checkpoint holds no generator state from which they could be regenerated."""
     corpus, _, _ = tiny_corpus
-    models = []
+    runs = []
     for name in ("a", "b"):
         cfg = load_config("configs/dpsgd_eps8.yaml",
                           _overrides(corpus, tmp_path / name, steps=2) + DP[1:])
         res = run_training(cfg, log=lambda *_: None)
-        assert res["privacy"]["secret_randomness"]
-        ck = torch.load(tmp_path / name / "last.pt", weights_only=False)
-        assert "noise_rng" not in ck["strategy"]
-        models.append(ck["model"])
-    assert any(not torch.equal(models[0][k], models[1][k]) for k in models[0])
+        runs.append((res, torch.load(tmp_path / name / "last.pt", weights_only=False)))
+    (_, a), (res, b) = runs
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert "noise_rng" not in b["strategy"] and res["privacy"]["secret_randomness"]
 
 
 # ------------------------------------------------------------------ (2) resume, changed recipe
@@ -123,7 +122,7 @@ def test_resume_with_a_new_budget_composes_what_was_applied(tiny_corpus, tmp_pat
                                    base + ["optim.max_steps=6", "privacy.target_epsilon=16"]),
                        log=notes.append)
     assert res["steps"] == 6 and res["stopped"] is None
-    n, delta = res["privacy_statement"]["population"], 1e-3
+    n, delta = res["train_utts"], 1e-3
     sigmas = _noise_sigmas(run, 4)
     assert len(sigmas) == 6 and sigmas[3] < sigmas[0]      # the new budget buys less noise
     truth = epsilon_for_segments([(1, s, 4 / n) for s in sigmas], delta)
@@ -145,7 +144,7 @@ def test_resume_with_new_sigma_q_and_delta_starts_segments(tiny_corpus, tmp_path
         base + ["optim.max_steps=6", "privacy.expected_batch_size=8", "privacy.delta=1e-4",
                 "privacy.policy={unit: example, clip_norm: 1.0, noise_multiplier: 1.0}"]),
         log=notes.append)
-    n = res["privacy_statement"]["population"]
+    n = res["train_utts"]
     led = torch.load(run / "last.pt", weights_only=False)["strategy"]["ledger"]
     assert led["segments"] == [[3, 1.5, pytest.approx(4 / n)], [3, 1.0, pytest.approx(8 / n)]]
     assert _noise_sigmas(run, 4)[:3] == pytest.approx([1.5] * 3)
@@ -241,11 +240,12 @@ def test_quantile_bound_is_charged_what_the_mechanism_costs(sigma_b):
     sigma, delta = 1.0, 1e-5
     policy = ClipPolicy(unit="example", bound="quantile", clip_norm=1.0, noise_multiplier=sigma,
                         quantile_noise_multiplier=sigma_b, expected_batch_size=4.0)
-    pools = [[], [0.5], [2.0], [0.5, 2.0], [2.0, 2.0, 0.5], [0.5, 0.5, 0.5]]
+    # 0.99: unclipped yet moving the sum by almost C; 2: clipped to C
+    pools = [[], [0.99], [2.0], [0.99, 2.0], [2.0, 2.0, 0.99], [0.99, 0.5, 0.99]]
     worst = 0.0
     for base in pools:
         g0, c0 = _released(policy, base)
-        for extra in (0.5, 2.0):
+        for extra in (0.5, 0.99, 2.0):
             g1, c1 = _released(policy, base + [extra])
             dg = float((g1 - g0).norm())
             mu2 = (dg / (sigma * policy.clip_norm)) ** 2 + ((c1 - c0) / sigma_b) ** 2
@@ -277,6 +277,9 @@ def test_dp_run_with_speed_perturbation_protects_utterances(tiny_corpus, tmp_pat
                       + DP[1:] + ["augment.speed_perturb=[0.9, 1.1]"])
     res = run_training(cfg, log=lambda *_: None)
     n_src = len((corpus / "train.jsonl").read_text().splitlines())
+    assert res["train_utts"] > n_src    # the copies are trained on...
+    # ...but sampled with their source: q = E[B] / (utterances), not / (utterances + copies)
+    assert 4 / n_src <= res["privacy"]["sample_rate"] <= 4 / (n_src - 2)
     st = res["privacy_statement"]
     assert res["train_utts"] > n_src and st["population"] <= n_src
     assert st["population"] >= n_src - 2      # (a CTC-infeasible source may be dropped)
