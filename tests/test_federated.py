@@ -142,13 +142,22 @@ def test_target_epsilon_calibrates_sigma_and_budget_stops(fl_manifest, tmp_path,
     cfg = _cfg(fl_manifest, tmp_path / "run", "dp.target_epsilon=4.0", "server.rounds=2",
                "dp.accounting=rdp")
     server = FLServer(cfg, log=lambda *_: None)
-    assert server.noise_multiplier > 0 and server.delta == 1 / SPEAKERS
+    assert server.noise_multiplier > 0 and server.delta == 1e-5   # min(1e-5, N^-1.1)
+    assert server.secret and server.ledger.secret_randomness
+    # DP cohorts are secret: two servers of one recipe (same seed) draw different cohorts
+    other = FLServer(cfg, log=lambda *_: None)
+    assert (server.source.uniforms("cohort", 0, 64).tolist()
+            != other.source.uniforms("cohort", 0, 64).tolist())
     server.step([], sampled=0, failed=0)
     server.step([], sampled=0, failed=0)
     assert 3.8 < server.epsilon() <= 4.0
     with pytest.raises(PrivacyBudgetExceeded):
         server.step([], sampled=0, failed=0)
     assert server.ledger.steps == 2 and server.round == 2
+    st = server.results({"wer": 1.0, "cer": 1.0, "loss": 1.0}, 0.0)["privacy_statement"]
+    assert st["guarantee"] and st["protects"] == "speaker"
+    assert st["delta_times_n"] == pytest.approx(SPEAKERS * 1e-5)
+    assert math.isnan(server.history[0]["sampled"])   # realised cohort: not released
 
 
 def test_lamb_moves_each_layer_by_lr_times_its_norm():

@@ -1,4 +1,4 @@
-"""Which speakers take part in a round: a pure function of (seed, round), so resume is exact.
+"""Which speakers take part in a round: secret for DP runs, else a pure function of (seed, round).
 
 ``poisson``  each of the N speakers joins independently with q = cohort_size / N: the sampling
              the user-level accountant assumes (E[cohort] = cohort_size).
@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from privasr.privacy.randomness import RandomSource
 
 __all__ = ["sample_cohort", "sample_rate"]
 
@@ -22,12 +24,15 @@ def sample_rate(cohort_size: float, population: int) -> float:
 
 
 def sample_cohort(round_: int, population: int, cohort_size: float, *, sampling: str,
-                  seed: int) -> list[int]:
-    """Indices (sorted) of the speakers sampled for round ``round_``."""
+                  seed: int, source: RandomSource | None = None) -> list[int]:
+    """Indices (sorted) of the speakers sampled for round ``round_``; Poisson draws come from
+    ``source`` (secret for DP runs), else from the public seed."""
     rng = np.random.default_rng([seed, 7919, round_])
     if sampling == "poisson":
         q = sample_rate(cohort_size, population)
-        return [int(i) for i in np.flatnonzero(rng.random(population) < q)]
+        u = source.uniforms("cohort", round_, population) if source is not None \
+            else rng.random(population)
+        return [int(i) for i in np.flatnonzero(u < q)]
     if sampling == "fixed":
         k = int(round(cohort_size))
         sample_rate(k, population)

@@ -51,9 +51,11 @@ class DPConfig:
     layer_bounds: dict = field(default_factory=dict)  # per_layer: {param-name pattern: C_l}
     noise_multiplier: float | None = None  # σ; None: calibrated to target_epsilon
     target_epsilon: float | None = None    # None with noise_multiplier None: σ = 0 (no DP)
-    delta: float | None = None             # default 1/N (N = client speakers)
+    delta: float | None = None             # default min(1e-5, N^-1.1) (N = client speakers)
     accounting: str = "pld"                # pld | rdp (dp-accounting)
-    secure_noise: bool = False
+    # secret (default): with σ > 0, cohorts from a key held in memory, noise from os.urandom;
+    # seeded: both from the public seed (debugging): no guarantee, no ε printed or written
+    randomness: str = "secret"
 
 
 @dataclass
@@ -102,6 +104,8 @@ class FLConfig:
             raise bad("local.epochs must be >= 1 and local.max_steps >= 0")
         if self.eval_every < 1:
             raise bad("eval_every must be >= 1")
+        if self.dp.randomness not in ("secret", "seeded"):
+            raise bad(f"dp.randomness={self.dp.randomness!r}; valid: secret, seeded")
         if self.server.round_timeout < 0:
             raise bad("server.round_timeout must be >= 0 (0: no timeout)")
         if self.dp.clipping == "per_layer" and not self.dp.layer_bounds:

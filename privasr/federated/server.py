@@ -34,7 +34,10 @@ from privasr.federated.cohort import sample_cohort, sample_rate
 from privasr.federated.config import FLConfig, local_train_config
 from privasr.federated.optim import apply_update, build_server_optimizer
 from privasr.models.conformer import count_parameters
-from privasr.privacy.ledger import PrivacyLedger
+from privasr.privacy.statement import privacy_statement
+from privasr.privacy.accountant import default_delta
+from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
+from privasr.privacy.randomness import SecretRandomness
 from privasr.train.checkpoint import load_checkpoint, save_checkpoint
 from privasr.train.evaluate import evaluate
 from privasr.train.metrics_log import MetricsLogger
@@ -93,11 +96,17 @@ class FLServer:
         self.optimizer = build_server_optimizer(s.optimizer, list(params.values()), lr=s.lr,
                                                 betas=s.betas, eps=s.eps,
                                                 weight_decay=s.weight_decay)
-        self.delta = float(d.delta) if d.delta is not None else 1.0 / self.population
+        self.delta = float(d.delta) if d.delta is not None else default_delta(self.population)
         self.ledger: PrivacyLedger | None = build_ledger(
             noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon,
             delta=self.delta, rounds=s.rounds, sample_rate=self.q, method=d.accounting)
         self.noise_multiplier = self.ledger.noise_multiplier if self.ledger else 0.0
+        # secret cohorts and noise whenever σ > 0 (the key lives in memory only)
+        self.secret = self.ledger is not None and d.randomness == "secret"
+        self.source = SecretRandomness() if self.secret else None
+        if self.ledger is not None:
+            self.ledger.population = self.population
+            self.ledger.secret_randomness = self.secret
         self.round = 0
         self.history: list[dict] = []
         self.metrics = MetricsLogger(self.out, tensorboard=False)
@@ -108,7 +117,7 @@ class FLServer:
         """The speakers sampled for the current round."""
         s = self.cfg.server
         idx = sample_cohort(self.round, self.population, s.cohort_size, sampling=s.sampling,
-                            seed=self.cfg.seed)
+                            seed=self.cfg.seed, source=self.source)
         return [self.speakers[i] for i in idx]
 
     def check_budget(self) -> None:
@@ -131,11 +140,13 @@ class FLServer:
             else:
                 invalid += 1
                 self.log(f"round {self.round}: client delta rejected: {why}")
-        gen = None if self.cfg.dp.secure_noise else torch.Generator().manual_seed(
+        gen = None if self.secret else torch.Generator().manual_seed(
             _noise_seed(self.cfg.seed, self.round))
+        if self.ledger is not None:   # the ledger records the σ and q this round applies
+            self.ledger.set_params(noise_multiplier=self.noise_multiplier, sample_rate=self.q)
         agg = aggregate(usable, self.clipper, noise_multiplier=self.noise_multiplier,
                         expected_cohort=self.expected_cohort,
-                        noise=GaussianNoise(generator=gen, secure=self.cfg.dp.secure_noise),
+                        noise=GaussianNoise(generator=gen, secure=self.secret),
                         shapes=self.shapes)
         apply_update(self.model, self.optimizer, agg.update)
         if self.ledger is not None:
@@ -145,12 +156,18 @@ class FLServer:
         row = {"round": self.round, "sampled": sampled, "aggregated": agg.clients,
                "failed": failed + invalid, "clipped": agg.clipped, "update_norm": upd,
                "epsilon": self.epsilon(), "round_seconds": seconds}
+        if self.ledger is not None:   # realised cohort and clipping counts: not covered by ε
+            row.update(sampled=math.nan, aggregated=math.nan, failed=math.nan, clipped=math.nan)
         self.history.append(row)
         self.metrics.log("rounds", self.round, {k: v for k, v in row.items() if k != "round"})
         return row
 
     def epsilon(self) -> float:
-        return self.ledger.epsilon() if self.ledger is not None else math.inf
+        """ε per speaker so far; NaN when the run has no guarantee (seeded randomness)."""
+        if self.ledger is None:
+            return math.inf
+        eps = self.ledger.claimed_epsilon()
+        return math.nan if eps is None else eps
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate_test(self) -> dict[str, float]:
@@ -187,9 +204,14 @@ class FLServer:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.round, self.history = int(ck["round"]), list(ck["history"])
-        if ck["privacy_ledger"] is not None:
-            self.ledger = PrivacyLedger.from_dict(ck["privacy_ledger"])
-            self.noise_multiplier = self.ledger.noise_multiplier
+        saved = ck["privacy_ledger"]
+        if (saved is None) != (self.ledger is None) and self.round > 0:
+            raise LedgerMismatch("cannot resume: the checkpoint and the recipe disagree on "
+                                 "whether the run is DP (noise on or off); start a new out_dir")
+        if saved is not None:
+            self.ledger, notes = resume_ledger(PrivacyLedger.from_dict(saved), self.ledger)
+            for note in notes:
+                self.log(note)
         self.metrics.truncate_after(self.round)
         return True
 
@@ -220,7 +242,13 @@ class FLServer:
             "wall_seconds": wall, "failed_clients": sum(r["failed"] for r in self.history),
             "history": self.history,
             "privacy": self.ledger.to_dict() if self.ledger else None,
+            "privacy_statement": privacy_statement(
+                self.ledger, clipped=True, private_stats=False, protects="speaker",
+                sampling=f"Poisson over speakers, q = {self.q:.4g}",
+                extra_outside=["per-round wall-clock time"]),
         }
+        if not math.isfinite(eps):
+            out["epsilon"] = "inf" if eps == math.inf else None
         if self.noise_multiplier > 0:
             out["extrapolation"] = extrapolation_table(
                 noise_multiplier=self.noise_multiplier, cohort=self.expected_cohort,
