@@ -1,6 +1,6 @@
 """The DP-PEFT experiment (issue 8, papers.md §3): WER on the private test speakers for
 {zero-shot pre-trained, non-private full FT, DP full FT, DP BitFit, DP LoRA, DP adapters}
-× ε ∈ {1, 3, 10} at δ = 1/N_private.
+× ε ∈ {1, 3, 10} at δ = min(1e-5, N^-1.1).
 
     privasr dp-peft configs/dp_peft.yaml [device=cuda] [finetune_steps=300] [key=value ...]
     python -m privasr.peft.experiment configs/dp_peft.yaml device=cuda

@@ -13,7 +13,7 @@ COLUMNS = ("method", "epsilon", "delta", "test_wer", "test_cer", "trainable_para
            "step_seconds", "noise_multiplier", "steps", "lr")
 NOTES = ("Pre-trained on the public side of the split, fine-tuned on the private side (new "
          "speakers, accents, speaking rate and text domain); greedy WER on the private test "
-         "speakers. ε per example at δ = 1/N_private (null: non-private). step_seconds is the "
+         "speakers. ε per example at δ = min(1e-5, N^-1.1) (null: non-private). step_seconds is the "
          "median time of the gradient step (per-example gradients, clipping, noise).")
 
 
@@ -36,7 +36,7 @@ def wer_vs_epsilon_figure(rows: list[dict[str, Any]]) -> str | None:
         eps = sorted({r["epsilon"] for r in dp})
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
         ax.minorticks_off()
-    ax.set(xlabel="ε (δ = 1/N_private)", ylabel="test WER % (private speakers, greedy)",
+    ax.set(xlabel="ε (δ = min(1e-5, N^-1.1))", ylabel="test WER % (private speakers, greedy)",
            title="DP fine-tuning: WER vs ε")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
