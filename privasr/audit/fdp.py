@@ -43,7 +43,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 from scipy import optimize, special
 
-from privasr.audit.metrics import default_grid, guesses
+from privasr.audit.metrics import grid_guesses
 
 __all__ = ["TradeOff", "GaussianTradeOff", "EpsDeltaTradeOff", "gaussian_delta", "gaussian_mu",
            "gaussian_epsilon", "audit_margin", "rejects", "fdp_mu_lower_bound",
@@ -217,23 +217,8 @@ def one_run_fdp_epsilon(scores: Sequence[float], inserted: Sequence[bool], *, de
     is (ε, 0)-DP, so no ε claim can be tested through it)."""
     if family not in ("gaussian", "eps_delta"):
         raise ValueError(f"family must be 'gaussian' or 'eps_delta', got {family!r}")
-    s = np.asarray(scores, dtype=np.float64)
-    truth = np.where(np.asarray(inserted, dtype=bool), 1, -1)
-    m = s.size
-    if truth.size != m:
-        raise ValueError(f"{m} scores but {truth.size} membership labels")
-    if m == 0:
-        raise ValueError("one-run audit needs at least one canary")
-    if not np.isfinite(s).all():
-        raise ValueError("membership scores must be finite")
-    pts = list(grid) if grid is not None else default_grid(m)
-    if not pts:
-        raise ValueError("empty (k+, k-) grid")
-    p = (1.0 - confidence) / len(pts)
-    rows = []
-    for k_pos, k_neg in pts:
-        t = guesses(s, k_pos, k_neg)
-        rows.append((k_pos, k_neg, int((t != 0).sum()), int(((t != 0) & (t == truth)).sum())))
+    m, rows = grid_guesses(scores, inserted, grid)
+    p = (1.0 - confidence) / len(rows)
     best = (0.0, *rows[0])
     if family == "gaussian" and delta <= 0:
         rows = []
@@ -247,5 +232,5 @@ def one_run_fdp_epsilon(scores: Sequence[float], inserted: Sequence[bool], *, de
     eps, k_pos, k_neg, r, v = best
     mu = (gaussian_mu(eps, delta) if eps > 0 else 0.0) if family == "gaussian" else None
     return FdpAudit(epsilon=eps, mu=mu, family=family, k_pos=k_pos, k_neg=k_neg, guesses=r,
-                    correct=v, m=m, grid_size=len(pts), confidence=confidence, delta=delta,
-                    correction=f"bonferroni over {len(pts)} (k+, k-) choices")
+                    correct=v, m=m, grid_size=len(rows), confidence=confidence, delta=delta,
+                    correction=f"bonferroni over {len(rows)} (k+, k-) choices")

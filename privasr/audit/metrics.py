@@ -126,12 +126,11 @@ def default_grid(m: int) -> list[tuple[int, int]]:
     return [(a, b) for a in ks for b in ks if a + b <= m and a + b > 0]
 
 
-def one_run_epsilon(scores: Sequence[float], inserted: Sequence[bool], *, delta: float = 0.0,
-                    confidence: float = 0.95,
-                    grid: Iterable[tuple[int, int]] | None = None) -> OneRunAudit:
-    """ε lower bound from membership scores (higher = more likely inserted) of m canaries that
-    were each inserted by an independent fair coin. The best grid point is reported with the
-    Bonferroni correction (each point tested at (1 − confidence)/|grid|)."""
+def grid_guesses(scores: Sequence[float], inserted: Sequence[bool],
+                 grid: Iterable[tuple[int, int]] | None = None
+                 ) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """(m, [(k+, k−, r guesses, v correct)] per grid point) for validated membership scores
+    (higher = more likely inserted) of m canaries; the default grid is :func:`default_grid`."""
     s = np.asarray(scores, dtype=np.float64)
     truth = np.where(np.asarray(inserted, dtype=bool), 1, -1)
     m = s.size
@@ -144,18 +143,30 @@ def one_run_epsilon(scores: Sequence[float], inserted: Sequence[bool], *, delta:
     pts = list(grid) if grid is not None else default_grid(m)
     if not pts:
         raise ValueError("empty (k+, k-) grid")
-    p = (1.0 - confidence) / len(pts)
-    best = None
+    rows = []
     for k_pos, k_neg in pts:
         t = guesses(s, k_pos, k_neg)
-        r, v = int((t != 0).sum()), int(((t != 0) & (t == truth)).sum())
+        rows.append((k_pos, k_neg, int((t != 0).sum()), int(((t != 0) & (t == truth)).sum())))
+    return m, rows
+
+
+def one_run_epsilon(scores: Sequence[float], inserted: Sequence[bool], *, delta: float = 0.0,
+                    confidence: float = 0.95,
+                    grid: Iterable[tuple[int, int]] | None = None) -> OneRunAudit:
+    """ε lower bound from membership scores (higher = more likely inserted) of m canaries that
+    were each inserted by an independent fair coin. The best grid point is reported with the
+    Bonferroni correction (each point tested at (1 − confidence)/|grid|)."""
+    m, rows = grid_guesses(scores, inserted, grid)
+    p = (1.0 - confidence) / len(rows)
+    best = None
+    for k_pos, k_neg, r, v in rows:
         eps = eps_lower_bound(m, r, v, delta=delta, p=p)
         if best is None or eps > best[0]:
             best = (eps, k_pos, k_neg, r, v)
     eps, k_pos, k_neg, r, v = best
     return OneRunAudit(epsilon=eps, k_pos=k_pos, k_neg=k_neg, guesses=r, correct=v, m=m,
-                       grid_size=len(pts), confidence=confidence, delta=delta,
-                       correction=f"bonferroni over {len(pts)} (k+, k-) choices")
+                       grid_size=len(rows), confidence=confidence, delta=delta,
+                       correction=f"bonferroni over {len(rows)} (k+, k-) choices")
 
 
 # ------------------------------------------------------------------------------- ROC
