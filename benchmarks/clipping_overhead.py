@@ -52,7 +52,7 @@ from privasr.clipping.strategy import ClippedGradient  # noqa: E402
 from privasr.data.dataset import Batch  # noqa: E402
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters  # noqa: E402
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
-from privasr.train.loss import per_example_ctc  # noqa: E402
+from privasr.models.loss import per_example_ctc  # noqa: E402
 
 VARIANTS = ("nonprivate", "per_example", "microbatch", "per_example_vmap", "opacus_hooks",
             "opacus_ghost")

@@ -40,7 +40,7 @@ from privasr.atomic import atomic_write_text  # noqa: E402
 from privasr.config import load_config, to_dict  # noqa: E402
 from privasr.data.manifest import read_manifest, write_manifest  # noqa: E402
 from privasr.federated.config import load_fl_config  # noqa: E402
-from privasr.train.recipe import ensure_corpus, manifest_paths  # noqa: E402
+from privasr.data.splits import ensure_corpus, manifest_paths  # noqa: E402
 
 DEFAULT_VARIANTS = ("global:fedavg:1.0,per_layer:fedavg:1.0,per_layer_uniform:fedavg:1.0,"
                     "per_layer_uniform:adam:0.001,per_layer_uniform:lamb:0.005,global:lamb:0.005")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_corpus(seed_cfg)
     paths = manifest_paths(seed_cfg)
     if a.seed_checkpoint:
-        from privasr.train.recipe import evaluate_checkpoint
+        from privasr.recipes.train import evaluate_checkpoint
 
         seed_ckpt, fl_m = Path(a.seed_checkpoint), paths["train"]
         if not seed_ckpt.is_file():
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     a.seed_fraction, base.seed)
         seed_cfg = load_config(a.seed_recipe, seed_over + list(a.seed_override) + [
             f"data.train={seed_m}", f"data.dev={paths['dev']}", f"data.test={paths['test']}"])
-        from privasr.train.recipe import run_training
+        from privasr.recipes.train import run_training
 
         print(f"seed model: {n_seed} speakers, central training ({seed_cfg.optim.max_steps} "
               f"steps)")

@@ -36,7 +36,8 @@ from privasr.config import TrainConfig, apply_overrides, from_dict  # noqa: E402
 from privasr.data.manifest import read_manifest  # noqa: E402
 from privasr.report.html import write_report  # noqa: E402
 from privasr.audit.report import memorization_section  # noqa: E402
-from privasr.train.recipe import ensure_corpus, manifest_paths, run_training  # noqa: E402
+from privasr.data.splits import ensure_corpus, manifest_paths  # noqa: E402
+from privasr.recipes.train import run_training
 
 
 def rows_for(policy: str, audit: dict, train: dict) -> list[dict]:

@@ -77,7 +77,7 @@ def worker(a: argparse.Namespace) -> None:
     from privasr.data.dataset import Batch
     from privasr.models.conformer import ConformerCTC, config_for, count_parameters
     from privasr.train.distributed import init_distributed
-    from privasr.train.loss import checked, per_example_ctc
+    from privasr.models.loss import checked, per_example_ctc
 
     torch.set_num_threads(a.threads)
     ctx = init_distributed(torch.device(a.device))

@@ -47,9 +47,9 @@ from privasr.clipping.strategy import ClippedGradient  # noqa: E402
 from privasr.data.dataset import Batch  # noqa: E402
 from privasr.models.conformer import ConformerCTC, config_for  # noqa: E402
 from privasr.peft.apply import apply_peft  # noqa: E402
-from privasr.peft.config import FinetuneConfig  # noqa: E402
+from privasr.config import FinetuneConfig  # noqa: E402
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
-from privasr.train.loss import per_example_ctc  # noqa: E402
+from privasr.models.loss import per_example_ctc  # noqa: E402
 
 VARIANTS = ("nonprivate_full", "dp_full", "dp_bitfit", "dp_lora", "dp_rp", "dp_adapters",
             "dp_head")

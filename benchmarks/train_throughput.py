@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from privasr.data.dataset import Batch  # noqa: E402
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters  # noqa: E402
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
-from privasr.train.loss import per_example_ctc  # noqa: E402
+from privasr.models.loss import per_example_ctc  # noqa: E402
 
 
 def make_batch(batch_size: int, seconds: float, device: torch.device, seed: int = 0) -> Batch:

@@ -65,7 +65,7 @@ def _corpus_librispeech(a: argparse.Namespace) -> int:
 
 def _train(a: argparse.Namespace) -> int:
     from privasr.config import load_config
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     cfg = load_config(a.config, a.overrides)
     res = run_training(cfg)
@@ -79,7 +79,7 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _pcc_experiment(a: argparse.Namespace) -> int:
-    from privasr.experiments.pcc import DEFAULT_BOUNDS, run_pcc_experiment
+    from privasr.recipes.pcc import DEFAULT_BOUNDS, run_pcc_experiment
 
     try:
         bounds = [float(c) for c in a.bounds.split(",")] if a.bounds else DEFAULT_BOUNDS
@@ -103,7 +103,7 @@ def _fl(a: argparse.Namespace) -> int:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from privasr.demo import run_demo
+    from privasr.recipes.demo import run_demo
 
     run_demo(quick=a.quick, overrides=a.overrides)
     return 0
@@ -136,7 +136,7 @@ def _transcribe(a: argparse.Namespace) -> int:
 
 
 def _dp_peft(a: argparse.Namespace) -> int:
-    from privasr.peft.experiment import main as experiment
+    from privasr.recipes.dp_peft import main as experiment
 
     return experiment([a.config, *a.overrides])
 
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("audio", nargs="+")
     tr.set_defaults(fn=_transcribe)
 
-    from privasr.audit.cli import add_audit_parser
+    from privasr.recipes.audit import add_audit_parser
     add_audit_parser(sub)
     return p
 

@@ -20,8 +20,8 @@ from privasr.decoding.lm import Lexicon, WordNgramLM
 from privasr.decoding.metrics import error_report
 from privasr.models.conformer import ConformerConfig, ConformerCTC
 from privasr.peft.apply import rebuild
-from privasr.train.checkpoint import load_checkpoint
-from privasr.train.evaluate import predict
+from privasr.checkpoint import load_checkpoint
+from privasr.decoding.evaluate import predict
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[ConformerCTC, list[str]]:

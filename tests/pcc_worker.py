@@ -16,7 +16,7 @@ import torch
 from privasr.clipping.policy import ClipPolicy
 from privasr.data.dataset import Batch
 from privasr.models.conformer import ConformerCTC, config_for
-from privasr.train.loss import checked, per_example_ctc
+from privasr.models.loss import checked, per_example_ctc
 
 NOISE_SEED = 123
 

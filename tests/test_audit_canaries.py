@@ -117,8 +117,8 @@ def canaries(tmp_path_factory):
 
 def test_train_mixes_inserted_canaries_into_training_only(tiny_corpus, canaries, tmp_path,
                                                           one_thread):
-    from privasr.train.recipe import run_training
-    import privasr.train.recipe as recipe
+    from privasr.recipes.train import run_training
+    import privasr.recipes.train as recipe
 
     corpus, _, _ = tiny_corpus
     path, cs = canaries
@@ -165,7 +165,7 @@ def test_train_mixes_inserted_canaries_into_training_only(tiny_corpus, canaries,
 
 def test_canaries_already_in_dev_are_refused(tiny_corpus, tmp_path, one_thread):
     from privasr.audit.canaries import Canary, write_canaries
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     corpus, _, _ = tiny_corpus
     dev = read_manifest(corpus / "dev.jsonl")

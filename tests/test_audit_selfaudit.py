@@ -7,7 +7,7 @@ import pytest
 from privasr.audit.canaries import CanaryConfig, load_vocabulary, make_canaries
 from privasr.audit.run import run_audit
 from privasr.config import load_config
-from privasr.train.recipe import run_training
+from privasr.recipes.train import run_training
 
 CLAIM = 1.0
 DELTA = 1e-5

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from privasr.clipping import ClipPolicy, get_engine
 from privasr.clipping.bookkeeping import check_supported, hooked_per_example_grads
-from privasr.clipping.engines import _check_losses, trainable_parameters
+from privasr.clipping.engines import check_losses, trainable_parameters
 from privasr.data.dataset import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def _loop(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
 
 def _assert_matches_loop(model: nn.Module, x: Tensor) -> None:
     params = trainable_parameters(model)
-    got, losses = hooked_per_example_grads(model, params, _batch(x), _loss, _check_losses)
+    got, losses = hooked_per_example_grads(model, params, _batch(x), _loss, check_losses)
     want = _loop(model, x)
     assert set(got) == set(want)
     for k in want:
@@ -105,7 +105,7 @@ def test_frozen_parameters_are_skipped():
     model[0].weight.requires_grad_(False)
     params = trainable_parameters(model)
     got, _ = hooked_per_example_grads(model, params, _batch(torch.randn(3, 4)), _loss,
-                                      _check_losses)
+                                      check_losses)
     assert set(got) == {"0.bias", "2.weight", "2.bias"}
     _assert_matches_loop(model, torch.randn(3, 4))
 

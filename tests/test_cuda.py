@@ -14,8 +14,8 @@ import torch
 from privasr.clipping import ClipPolicy, get_engine
 from privasr.config import load_config
 from privasr.models.conformer import ConformerCTC, config_for
-from privasr.train.loss import per_example_ctc
-from privasr.train.recipe import run_training
+from privasr.models.loss import per_example_ctc
+from privasr.recipes.train import run_training
 from test_engines import assert_same, make_batches
 from test_trainer import _overrides
 

@@ -18,7 +18,7 @@ from privasr.clipping import (ENGINES, ClippedGradient, ClipPolicy, GaussianNois
 from privasr.data.dataset import Batch
 from privasr.models.conformer import ConformerCTC, config_for
 from privasr.train.gradient import BatchClipGradient
-from privasr.train.loss import checked, per_example_ctc
+from privasr.models.loss import checked, per_example_ctc
 
 REL_TOL = 1e-5
 # "auto" only dispatches to bookkeeping / vectorized (test_auto_engine_dispatch)

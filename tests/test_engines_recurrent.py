@@ -17,7 +17,8 @@ from privasr.clipping.engines import EngineFallbackWarning, UnsupportedModuleErr
 from privasr.clipping.probe import check_per_example_independence
 from privasr.data.dataset import Batch
 from privasr.models.conformer import ConformerCTC, config_for
-from privasr.train.loss import NonFiniteLossError, checked, per_example_ctc
+from privasr.errors import NonFiniteLossError
+from privasr.models.loss import checked, per_example_ctc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOSS = checked(per_example_ctc)

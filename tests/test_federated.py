@@ -173,7 +173,7 @@ def test_lamb_moves_each_layer_by_lr_times_its_norm():
 
 
 def test_bad_recipes_name_the_problem(tmp_path):
-    from privasr.config import ConfigError
+    from privasr.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dp.clipping"):
         load_fl_config(None, ["dp.clipping=layerwise"])
@@ -207,7 +207,7 @@ def test_two_round_simulation_with_failing_and_timed_out_clients(tiny_corpus, tm
     from privasr.federated.app import run_simulation_fl
     from privasr.models.conformer import ConformerCTC, config_for
     from privasr.privacy.accountant import epsilon
-    from privasr.train.checkpoint import load_checkpoint, save_checkpoint
+    from privasr.checkpoint import load_checkpoint, save_checkpoint
 
     bad, n = _fl_corpus(tiny_corpus, tmp_path / "corpus")
     torch.manual_seed(0)

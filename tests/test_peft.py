@@ -12,10 +12,10 @@ from privasr.clipping import ClippedGradient, ClipPolicy, get_engine
 from privasr.data.dataset import Batch
 from privasr.models.conformer import ConformerCTC, config_for
 from privasr.peft.apply import apply_peft, load_pretrained, rebuild
-from privasr.peft.config import FinetuneConfig
+from privasr.config import FinetuneConfig
 from privasr.peft.lora import LoRALinear, merge_lora
-from privasr.train.checkpoint import save_checkpoint
-from privasr.train.loss import per_example_ctc
+from privasr.checkpoint import save_checkpoint
+from privasr.models.loss import per_example_ctc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -261,7 +261,7 @@ def test_public_private_split_is_disjoint_and_shifted():
 def test_recipe_pretrain_then_dp_lora_finetune(tiny_corpus, tmp_path):
     from privasr.config import load_config
     from privasr.inference import load_model
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
     from test_trainer import _overrides
 
     corpus, _, _ = tiny_corpus
@@ -303,7 +303,7 @@ def _row(method, eps, wer, secs):
 
 
 def test_summary_compares_best_dp_peft_with_nonprivate_and_dp_full():
-    from privasr.peft.experiment import summarize
+    from privasr.recipes.dp_peft import summarize
 
     rows = [_row("zero_shot", None, 0.9, None), _row("full", None, 0.2, 1.0),
             _row("full", 10.0, 0.3, 4.0), _row("lora", 10.0, 0.25, 1.0),
@@ -318,7 +318,7 @@ def test_summary_compares_best_dp_peft_with_nonprivate_and_dp_full():
 
 @pytest.mark.slow
 def test_dp_peft_experiment_end_to_end_tiny(tiny_corpus, tmp_path):
-    from privasr.peft.experiment import DpPeftConfig, run_experiment
+    from privasr.recipes.dp_peft import DpPeftConfig, run_experiment
     from test_trainer import _overrides
 
     corpus, _, _ = tiny_corpus
@@ -348,8 +348,8 @@ def test_dp_peft_experiment_end_to_end_tiny(tiny_corpus, tmp_path):
 
 
 def test_step_seconds_come_from_the_logged_steps(tmp_path):
-    from privasr.peft.experiment import step_seconds
-    from privasr.train.metrics_log import MetricsLogger
+    from privasr.recipes.dp_peft import step_seconds
+    from privasr.report.metrics_log import MetricsLogger
 
     assert step_seconds(tmp_path / "none", 1.5) == 1.5
     log = MetricsLogger(tmp_path, tensorboard=False)
@@ -359,8 +359,8 @@ def test_step_seconds_come_from_the_logged_steps(tmp_path):
 
 
 def test_dp_peft_experiment_refuses_a_missing_pretrained_checkpoint(tmp_path):
-    from privasr.config import ConfigError
-    from privasr.peft.experiment import DpPeftConfig, run_experiment
+    from privasr.errors import ConfigError
+    from privasr.recipes.dp_peft import DpPeftConfig, run_experiment
 
     cfg = DpPeftConfig(out_dir=str(tmp_path / "x"), results=str(tmp_path / "r.json"),
                        pretrained=str(tmp_path / "nope.pt"))

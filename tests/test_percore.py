@@ -114,7 +114,7 @@ def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, 
     import csv
 
     from privasr.config import load_config
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
     from test_trainer import _overrides
 
     corpus, _, _ = tiny_corpus
@@ -152,7 +152,7 @@ def test_privasr_train_under_torchrun_matches_simulation(tiny_corpus, tmp_path, 
 def test_pcc_experiment_variants_are_valid_recipes():
     from privasr.clipping.policy import ClipPolicy
     from privasr.config import load_config
-    from privasr.experiments.pcc import run_pcc_experiment, variants
+    from privasr.recipes.pcc import run_pcc_experiment, variants
 
     vs = variants([0.5, 2.0], cores=4)
     assert list(vs) == ["baseline", "pcc_0.5", "pcc_2", "apcc"]
@@ -170,7 +170,7 @@ def test_pcc_experiment_variants_are_valid_recipes():
 
 @pytest.mark.slow
 def test_pcc_experiment_end_to_end(tiny_corpus, tmp_path):
-    from privasr.experiments.pcc import run_pcc_experiment
+    from privasr.recipes.pcc import run_pcc_experiment
     from test_trainer import _overrides
 
     corpus, _, _ = tiny_corpus

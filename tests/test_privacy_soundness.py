@@ -25,7 +25,7 @@ from privasr.data.tokenizer import CharTokenizer
 from privasr.privacy.accountant import default_delta, epsilon, epsilon_for_segments
 from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
 from privasr.privacy.randomness import SecretRandomness
-from privasr.train.recipe import run_training
+from privasr.recipes.train import run_training
 from privasr.train.strategies import build_setup
 from test_trainer import _overrides
 

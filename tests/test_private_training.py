@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from privasr.clipping.policy import PolicyError
+from privasr.errors import PolicyError
 from privasr.config import load_config
 from privasr.data.poisson import PoissonSampler
 from privasr.privacy.accountant import epsilon
-from privasr.train.recipe import run_training
+from privasr.recipes.train import run_training
 from test_trainer import _cli, _overrides
 
 DP = ["privacy.policy={unit: example, clip_norm: 1.0}", "privacy.sampling=poisson",

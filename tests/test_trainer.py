@@ -9,12 +9,13 @@ import time
 import pytest
 import torch
 
-from privasr.config import ConfigError, load_config
+from privasr.errors import ConfigError
+from privasr.config import load_config
 from privasr.data.dataset import AsrDataset, DurationBucketSampler, compute_features
 from privasr.data.manifest import read_manifest
 from privasr.data.tokenizer import CharTokenizer
 from privasr.models.conformer import ConformerCTC, config_for
-from privasr.train.loss import NonFiniteLossError
+from privasr.errors import NonFiniteLossError
 from privasr.train.trainer import Trainer
 
 
@@ -51,7 +52,7 @@ def kill_when_checkpointed(p, run, min_step, timeout=300):
 
 
 def test_tiny_end_to_end_train_and_eval(tiny_corpus, tmp_path):
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     corpus, _, _ = tiny_corpus
     cfg = load_config("configs/demo.yaml", _overrides(corpus, tmp_path / "run", steps=4,
@@ -156,7 +157,7 @@ def test_config_rejects_unknown_keys_and_bad_types():
 
 def test_speed_perturbed_copies_are_added_with_scaled_length(tiny_corpus, tmp_path):
     from privasr.data.manifest import SkipReport
-    from privasr.train.recipe import load_split
+    from privasr.data.splits import load_split
 
     corpus, _, _ = tiny_corpus
     cfg = load_config("configs/demo.yaml", _overrides(corpus, tmp_path, extra=[

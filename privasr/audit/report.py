@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from privasr.atomic import atomic_write_text
-from privasr.report.html import _png, _table, plt
+from privasr.report.html import png_data_uri, html_table, plt
 
 
 def memorization_figures(results: Mapping[str, dict]) -> dict[str, str]:
@@ -29,7 +29,7 @@ def memorization_figures(results: Mapping[str, dict]) -> dict[str, str]:
         ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figs["accuracy vs repetitions"] = _png(fig)
+    figs["accuracy vs repetitions"] = png_data_uri(fig)
     for name, res in results.items():
         fig, ax = plt.subplots(figsize=(6, 3))
         ins = [s["loss"] for s in res["scores"] if s["inserted"]]
@@ -37,7 +37,7 @@ def memorization_figures(results: Mapping[str, dict]) -> dict[str, str]:
         ax.hist([ins, out], bins=20, label=["inserted", "held-out"], alpha=0.8)
         ax.set(xlabel="CTC loss per label", ylabel="canaries", title=f"{name}: canary CTC losses")
         ax.legend()
-        figs[f"scores {name}"] = _png(fig)
+        figs[f"scores {name}"] = png_data_uri(fig)
     return figs
 
 
@@ -47,10 +47,10 @@ def memorization_section(results: Mapping[str, dict]) -> str:
                 "held-out EM": r["heldout_exact_match"], "AUC": r["auc"],
                 "TPR@1%FPR": r["tpr_at_1pct_fpr"], "ε lower bound": r["one_run"]["epsilon"],
                 "confidence": r["one_run"]["confidence"]} for name, r in results.items()]
-    parts = ["<h2>Memorization audit</h2>", _table(summary)]
+    parts = ["<h2>Memorization audit</h2>", html_table(summary)]
     for name, r in results.items():
         rows = [{k: v for k, v in row.items()} for row in r["by_repetitions"]]
-        parts.append(f"<h3>{html.escape(name)}: by repetitions</h3>{_table(rows)}")
+        parts.append(f"<h3>{html.escape(name)}: by repetitions</h3>{html_table(rows)}")
     for title, b64 in memorization_figures(results).items():
         parts.append(f'<h3>{html.escape(title)}</h3><img alt="{html.escape(title)}" '
                      f'src="data:image/png;base64,{b64}">')

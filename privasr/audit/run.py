@@ -30,7 +30,7 @@ def run_audit(ckpt_path: str | Path, canaries_path: str | Path, *, out: str | Pa
     """Audit a checkpoint with its canaries. δ defaults to the checkpoint's claimed δ (0 if it
     makes no DP claim)."""
     from privasr.inference import load_model
-    from privasr.train.checkpoint import load_checkpoint
+    from privasr.checkpoint import load_checkpoint
 
     t0 = time.time()
     claim = claimed_privacy(load_checkpoint(ckpt_path))

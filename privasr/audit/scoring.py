@@ -16,7 +16,7 @@ from privasr.data.features import FeatureConfig
 from privasr.data.manifest import SkipReport
 from privasr.data.tokenizer import CharTokenizer
 from privasr.decoding.metrics import cer
-from privasr.train.evaluate import predict
+from privasr.decoding.evaluate import predict
 
 
 @dataclass(frozen=True)

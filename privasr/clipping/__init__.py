@@ -16,8 +16,8 @@ from privasr.clipping.engines import (ENGINES, ClipResult, Engine, ReferenceEngi
                                       register_engine)
 from privasr.clipping.noise import GaussianNoise, secure_standard_normal
 from privasr.clipping.percore import PerCoreGradient, SimulatedCores
-from privasr.clipping.policy import (ClipPolicy, PolicyError, assign_groups,
-                                     split_noise_multiplier)
+from privasr.clipping.policy import ClipPolicy, assign_groups, split_noise_multiplier
+from privasr.errors import PolicyError
 from privasr.clipping.strategy import ClippedGradient
 
 __all__ = ["ClipPolicy", "PolicyError", "assign_groups", "split_noise_multiplier", "ENGINES",

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privasr.clipping.policy import PolicyError
+from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 
 __all__ = ["SUPPORTED", "VMAP_UNSUPPORTED", "UnsupportedModuleError", "hooked_per_example_grads",

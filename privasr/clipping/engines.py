@@ -58,7 +58,8 @@ from torch.func import functional_call, vmap
 from privasr.clipping.bookkeeping import (UnsupportedModuleError, describe_modules,
                                           hooked_clipped_sum, hooked_per_example_grads,
                                           unsupported_modules, vmap_unsupported)
-from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
+from privasr.clipping.policy import ClipPolicy, assign_groups
+from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 
 __all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
@@ -193,7 +194,7 @@ def _trim(b: Batch) -> Batch:
     return Batch(list(b.ids), b.feats[:, :t], b.feat_lens, b.targets[:, :s], b.target_lens)
 
 
-def _rows(b: Batch, start: int, stop: int) -> Batch:
+def batch_rows(b: Batch, start: int, stop: int) -> Batch:
     return _trim(Batch(b.ids[start:stop], b.feats[start:stop], b.feat_lens[start:stop],
                        b.targets[start:stop], b.target_lens[start:stop]))
 
@@ -215,7 +216,7 @@ def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch
                  torch.stack([b.target_lens[r] for b, r in rows]))
 
 
-def _check_losses(losses: Tensor, n: int) -> Tensor:
+def check_losses(losses: Tensor, n: int) -> Tensor:
     if losses.dim() != 1 or losses.shape[0] != n:
         raise ValueError(f"loss_fn must return one loss per example, shape ({n},); "
                          f"got {tuple(losses.shape)}")
@@ -280,7 +281,7 @@ class ReferenceEngine(Engine):
         unit_grads, loss_sum = [], 0.0
         for u in sorted(members):
             b = _gather(batches, members[u])    # an example alone is trimmed to its own length
-            losses = _check_losses(loss_fn(model, b), len(b))
+            losses = check_losses(loss_fn(model, b), len(b))
             loss_sum += float(losses.detach().sum())
             unit_grads.append(_grads(losses.mean(), params))
 
@@ -349,7 +350,7 @@ class _PerExampleModel:
             raise refusal from error
 
 
-class _SavedState:
+class SavedState:
     """The RNG streams and buffers of ``model`` at creation, to undo a forward's side effects
     (dropout draws, BatchNorm running statistics)."""
 
@@ -372,7 +373,7 @@ class _SavedState:
 
 def _runs_plainly(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether ``model(*args, **kwargs)`` runs without vmap (no side effects kept)."""
-    saved = _SavedState(model)
+    saved = SavedState(model)
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -424,7 +425,7 @@ def per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: 
     """({name: (B, *shape)} per-example gradients of loss_fn's (B,) losses, the losses)."""
     n = len(batch)
     replicas = {k: p.detach().expand(n, *p.shape).requires_grad_() for k, p in params.items()}
-    losses = _check_losses(loss_fn(_PerExampleModel(model, replicas), batch), n)
+    losses = check_losses(loss_fn(_PerExampleModel(model, replicas), batch), n)
     gs = torch.autograd.grad(losses.sum(), list(replicas.values()), allow_unused=True)
     if all(g is None for g in gs):
         raise RuntimeError("the loss does not depend on the per-example parameters: loss_fn must "
@@ -547,7 +548,7 @@ class VectorizedEngine(Engine):
         if policy.unit == "batch":      # ordinary mean gradient: no per-example work at all
             mean = {k: torch.zeros_like(p) for k, p in params.items()}
             for b in batches:
-                losses = _check_losses(loss_fn(model, b), len(b))
+                losses = check_losses(loss_fn(model, b), len(b))
                 loss_sum += float(losses.detach().sum())
                 for k, g in _grads(losses.sum() / n, params).items():
                     mean[k] += g
@@ -566,7 +567,7 @@ class VectorizedEngine(Engine):
         for b in batches:
             chunk = self.chunk_size if grouped else self.example_chunk(params)
             for start in range(0, len(b), chunk):
-                sub = _rows(b, start, min(len(b), start + chunk))
+                sub = batch_rows(b, start, min(len(b), start + chunk))
                 if not grouped:         # unit = example: clip chunk by chunk
                     loss_sum += float(self.clip_chunk(model, params, sub, loss_fn, clipper).sum())
                     continue
@@ -612,12 +613,12 @@ class BookkeepingEngine(VectorizedEngine):
         return self.chunk_size if self.stores(params) else 1 << 30   # whole physical batch
 
     def per_example(self, model, params, batch, loss_fn):
-        return hooked_per_example_grads(model, params, batch, loss_fn, _check_losses)
+        return hooked_per_example_grads(model, params, batch, loss_fn, check_losses)
 
     def clip_chunk(self, model, params, batch, loss_fn, clipper):
         if self.stores(params):
             return super().clip_chunk(model, params, batch, loss_fn, clipper)
-        return hooked_clipped_sum(model, params, batch, loss_fn, _check_losses,
+        return hooked_clipped_sum(model, params, batch, loss_fn, check_losses,
                                   clipper.spec.names, clipper.factors, clipper.sums)
 
 
@@ -683,7 +684,7 @@ class AutoEngine(Engine):
         if engine is not self.general:
             return engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
                                       step=step)
-        saved = _SavedState(model)
+        saved = SavedState(model)
         try:
             return engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
                                       step=step)

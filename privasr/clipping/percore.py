@@ -53,9 +53,10 @@ from torch import Tensor, nn
 from privasr.clipping.engines import (UNIFORM_EPS, UNIFORM_ZERO_RTOL, LayerSpec, resolve_layers,
                                       trainable_parameters)
 from privasr.clipping.noise import GaussianNoise
-from privasr.clipping.policy import ClipPolicy, PolicyError, assign_groups
+from privasr.clipping.policy import ClipPolicy, assign_groups
+from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
-from privasr.train.loss import NonFiniteLossError
+from privasr.errors import NonFiniteLossError
 
 __all__ = ["FlatGrads", "PerCoreGradient", "SimulatedCores", "clip_factors", "select_rows",
            "shard_batches"]

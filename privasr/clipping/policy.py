@@ -56,6 +56,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from privasr.errors import PolicyError
+
 __all__ = ["ClipPolicy", "PolicyError", "UNITS", "BOUNDS", "SCOPES", "GROUPINGS",
            "assign_groups", "split_noise_multiplier"]
 
@@ -64,10 +66,6 @@ BOUNDS = ("fixed", "adaptive_min", "quantile")
 SCOPES = ("global", "per_layer")
 GROUPINGS = ("hash", "contiguous")
 PER_LAYER_RULES = ("uniform",)
-
-
-class PolicyError(ValueError):
-    """A clipping policy that is invalid or would not mean what it seems to mean."""
 
 
 def _finite_positive(x: Any) -> bool:

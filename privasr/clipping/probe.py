@@ -35,9 +35,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from privasr.clipping.bookkeeping import describe_modules
-from privasr.clipping.engines import (AutoEngine, Engine, LossFn, _check_losses, _rows,
-                                      _SavedState, get_engine, trainable_parameters)
-from privasr.clipping.policy import ClipPolicy, PolicyError
+from privasr.clipping.engines import (AutoEngine, Engine, LossFn, check_losses, batch_rows,
+                                      SavedState, get_engine, trainable_parameters)
+from privasr.clipping.policy import ClipPolicy
+from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 
 __all__ = ["check_per_example_independence", "batch_statistics_modules"]
@@ -88,8 +89,8 @@ def check_per_example_independence(model: nn.Module, batch: Batch, loss_fn: Loss
     if len(batch) == 0 or extra_frames < 1:
         raise ValueError(f"the probe needs a non-empty batch and extra_frames >= 1 (got "
                          f"{len(batch)} examples, extra_frames={extra_frames})")
-    probe = _pad_more(_rows(batch, 0, min(len(batch), max_examples)), extra_frames)
-    saved, dropout = _SavedState(model), _dropout_off(model)
+    probe = _pad_more(batch_rows(batch, 0, min(len(batch), max_examples)), extra_frames)
+    saved, dropout = SavedState(model), _dropout_off(model)
     try:
         _run_checks(model, probe, loss_fn, engine, params, rtol, atol)
     finally:
@@ -101,9 +102,9 @@ def check_per_example_independence(model: nn.Module, batch: Batch, loss_fn: Loss
 # -- the checks -------------------------------------------------------------------------------
 def _run_checks(model: nn.Module, probe: Batch, loss_fn: LossFn, engine: str | Engine,
                 params: dict[str, nn.Parameter], rtol: float, atol: float) -> None:
-    alone = [_losses_and_grads(model, _rows(probe, i, i + 1), loss_fn, params)[0]
+    alone = [_losses_and_grads(model, batch_rows(probe, i, i + 1), loss_fn, params)[0]
              for i in range(len(probe))]
-    again = _losses_and_grads(model, _rows(probe, 0, 1), loss_fn, params)[0]
+    again = _losses_and_grads(model, batch_rows(probe, 0, 1), loss_fn, params)[0]
     if _differs(again[1], alone[0][1], rtol, atol):
         raise PolicyError(
             f"per-example independence probe: example {probe.ids[0]!r} alone gets different "
@@ -164,7 +165,7 @@ def _expect(probe: Batch, i: int, check: str, what: str, got: Tensor, want: Tens
 def _losses_and_grads(model: nn.Module, batch: Batch, loss_fn: LossFn,
                       params: dict[str, nn.Parameter]) -> list[tuple[float, Tensor]]:
     """[(loss_i, flat float64 ∂loss_i/∂θ)] for each example, from ONE ordinary forward."""
-    losses = _check_losses(loss_fn(model, batch), len(batch))
+    losses = check_losses(loss_fn(model, batch), len(batch))
     out = []
     for i in range(len(batch)):
         gs = torch.autograd.grad(losses[i], list(params.values()), allow_unused=True,

@@ -32,7 +32,7 @@ from privasr.federated.client import (local_update, speakers_of,  # noqa: E402
                                       warm_feature_cache)
 from privasr.federated.config import FLConfig, load_fl_config  # noqa: E402
 from privasr.federated.server import FLServer, run_rounds  # noqa: E402
-from privasr.train.recipe import manifest_paths  # noqa: E402
+from privasr.data.splits import manifest_paths  # noqa: E402
 
 __all__ = ["client_app", "server_app", "make_server_app", "run_server", "run_simulation_fl"]
 

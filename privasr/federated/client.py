@@ -20,7 +20,8 @@ from privasr.data.dataset import AsrDataset, DurationBucketSampler
 from privasr.data.manifest import SkipReport, read_manifest
 from privasr.data.tokenizer import CharTokenizer
 from privasr.federated.config import FLConfig, local_train_config
-from privasr.train.recipe import build_model, load_split, manifest_paths
+from privasr.models.build import build_model
+from privasr.data.splits import load_split, manifest_paths
 from privasr.train.schedule import warmup_cosine
 from privasr.train.trainer import BucketPlan, Trainer
 

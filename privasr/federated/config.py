@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privasr.config import (AugmentConfig, BatchConfig, ConfigError, DataConfig, ModelConfig,
-                            OptimConfig, TrainConfig, load_config)
+from privasr.config import (AugmentConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig,
+                            TrainConfig, load_config)
+from privasr.errors import ConfigError
 
 __all__ = ["LocalConfig", "ServerConfig", "DPConfig", "SimulationConfig", "FLConfig",
            "load_fl_config", "local_train_config", "CLIPPINGS", "SERVER_OPTIMIZERS"]

@@ -38,10 +38,11 @@ from privasr.privacy.statement import privacy_statement
 from privasr.privacy.accountant import default_delta
 from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
 from privasr.privacy.randomness import SecretRandomness
-from privasr.train.checkpoint import load_checkpoint, save_checkpoint
-from privasr.train.evaluate import evaluate
-from privasr.train.metrics_log import MetricsLogger
-from privasr.train.recipe import build_model, load_split, manifest_paths
+from privasr.checkpoint import load_checkpoint, save_checkpoint
+from privasr.decoding.evaluate import evaluate
+from privasr.report.metrics_log import MetricsLogger
+from privasr.models.build import build_model
+from privasr.data.splits import load_split, manifest_paths
 from privasr.train.trainer import pick_device
 
 __all__ = ["FLServer", "validate_delta"]
@@ -270,7 +271,7 @@ class FLServer:
 def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[list, int]],
                ) -> dict:
     """The round loop for any transport: ``train_cohort(round, speakers) -> (deltas, failed)``."""
-    from privasr.train.stop import StopTraining
+    from privasr.errors import StopTraining
 
     t0 = time.time()
     cfg = server.cfg

@@ -19,7 +19,7 @@ from torch import nn
 
 from privasr.peft.adapters import add_adapters
 from privasr.peft.bitfit import bitfit_names
-from privasr.peft.config import METHODS, FinetuneConfig
+from privasr.config import METHODS, FinetuneConfig
 from privasr.peft.lora import add_lora, lora_layers, merge_lora
 
 __all__ = ["HEAD", "apply_peft", "load_pretrained", "prepare_model", "rebuild", "merge_lora",
@@ -38,7 +38,7 @@ def load_pretrained(model: nn.Module, path: str, *, keep_head: bool = False) -> 
     """Copy the encoder (and, with ``keep_head``, the CTC head) of checkpoint ``path``."""
     from pathlib import Path
 
-    from privasr.train.checkpoint import load_checkpoint
+    from privasr.checkpoint import load_checkpoint
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"init={path}: no such checkpoint (pre-train first, e.g. "
@@ -151,7 +151,7 @@ def finish_peft(cfg: Any, trainer: Any, info: dict[str, Any] | None) -> dict[str
         from pathlib import Path
 
         from privasr.config import to_dict
-        from privasr.train.checkpoint import save_checkpoint
+        from privasr.checkpoint import save_checkpoint
 
         model = copy.deepcopy(trainer.model).cpu()
         merge_lora(model)

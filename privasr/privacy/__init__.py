@@ -1,15 +1,8 @@
 """Differential-privacy accounting: the accountant of record (dp-accounting) and the run ledger."""
 
-from privasr.privacy.accountant import (
-    DEFAULT_PLD_DISCRETIZATION,
-    METHODS,
-    PrivacyUnit,
-    calibrate,
-    default_sensitivity_factor,
-    epsilon,
-    epsilon_for_segments,
-    max_steps,
-)
+from privasr.privacy.accountant import (DEFAULT_PLD_DISCRETIZATION, METHODS, PrivacyUnit,
+                                        calibrate, default_sensitivity_factor, epsilon,
+                                        epsilon_for_segments, max_steps)
 from privasr.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 
 __all__ = [

@@ -137,7 +137,7 @@ def default_delta(population: int) -> float:
     return min(1e-5, float(n) ** -1.1)
 
 
-def _check_unit(unit: str | PrivacyUnit) -> PrivacyUnit:
+def check_unit(unit: str | PrivacyUnit) -> PrivacyUnit:
     try:
         return PrivacyUnit(unit)
     except ValueError:
@@ -151,7 +151,7 @@ def default_sensitivity_factor(unit: str | PrivacyUnit, group_size: int | None =
     ``group_size`` (examples per micro-batch or per core) of 1 gives k = 1: the unit is then a
     single example.
     """
-    unit = _check_unit(unit)
+    unit = check_unit(unit)
     if unit in (PrivacyUnit.EXAMPLE, PrivacyUnit.CLIENT):
         return 1.0
     if group_size is not None and int(group_size) == 1:
@@ -162,28 +162,28 @@ def default_sensitivity_factor(unit: str | PrivacyUnit, group_size: int | None =
 # --------------------------------------------------------------------------- validation
 
 
-def _check_method(method: str) -> str:
+def check_method(method: str) -> str:
     m = str(method).lower()
     if m not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return m
 
 
-def _check_delta(delta: float) -> float:
+def check_delta(delta: float) -> float:
     delta = float(delta)
     if not (0.0 < delta < 1.0):
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     return delta
 
 
-def _check_sigma(noise_multiplier: float) -> float:
+def check_sigma(noise_multiplier: float) -> float:
     sigma = float(noise_multiplier)
     if not (sigma >= 0.0 and math.isfinite(sigma)):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
     return sigma
 
 
-def _check_q(sample_rate: float, *, allow_zero: bool) -> float:
+def check_q(sample_rate: float, *, allow_zero: bool) -> float:
     q = float(sample_rate)
     ok = (0.0 <= q <= 1.0) if allow_zero else (0.0 < q <= 1.0)
     if not ok:
@@ -192,7 +192,7 @@ def _check_q(sample_rate: float, *, allow_zero: bool) -> float:
     return q
 
 
-def _check_steps(steps: int, *, minimum: int) -> int:
+def check_steps(steps: int, *, minimum: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         if isinstance(steps, float) and steps.is_integer():
             steps = int(steps)
@@ -204,7 +204,7 @@ def _check_steps(steps: int, *, minimum: int) -> int:
     return steps
 
 
-def _check_factor(sensitivity_factor: float) -> float:
+def check_factor(sensitivity_factor: float) -> float:
     k = float(sensitivity_factor)
     if not (k > 0.0 and math.isfinite(k)):
         raise ValueError(f"sensitivity_factor must be finite and > 0, got {sensitivity_factor}")
@@ -278,8 +278,8 @@ def _clean_segments(segments: Iterable[Sequence[float]], sensitivity_factor: flo
         if len(seg) != 3:
             raise ValueError(f"a segment is (steps, noise_multiplier, sample_rate), got {seg!r}")
         steps, sigma, q = seg
-        out.append((_check_steps(steps, minimum=0), _check_sigma(sigma) / sensitivity_factor,
-                    _check_q(q, allow_zero=True)))
+        out.append((check_steps(steps, minimum=0), check_sigma(sigma) / sensitivity_factor,
+                    check_q(q, allow_zero=True)))
     return tuple(out)
 
 
@@ -291,9 +291,9 @@ def epsilon_for_segments(segments: Iterable[Sequence[float]], delta: float, *,
     Use this when σ or q changed during training; :func:`epsilon` is the one-segment case.
     Results are cached (same inputs → same float, no recomputation).
     """
-    k = _check_factor(sensitivity_factor)
-    return _epsilon_cached(_clean_segments(segments, k), _check_delta(delta),
-                           _check_method(method), float(pld_discretization))
+    k = check_factor(sensitivity_factor)
+    return _epsilon_cached(_clean_segments(segments, k), check_delta(delta),
+                           check_method(method), float(pld_discretization))
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, *,
@@ -375,11 +375,11 @@ def calibrate(target_epsilon: float, delta: float, steps: int, sample_rate: floa
     target_epsilon = float(target_epsilon)
     if not (target_epsilon > 0.0) or math.isnan(target_epsilon):
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
-    delta = _check_delta(delta)
-    steps = _check_steps(steps, minimum=1)
-    q = _check_q(sample_rate, allow_zero=False)
-    method = _check_method(method)
-    k = _check_factor(sensitivity_factor)
+    delta = check_delta(delta)
+    steps = check_steps(steps, minimum=1)
+    q = check_q(sample_rate, allow_zero=False)
+    method = check_method(method)
+    k = check_factor(sensitivity_factor)
     tol = float(tol)
     if not (0.0 < tol < 1.0):
         raise ValueError(f"tol must be in (0, 1), got {tol}")
@@ -428,12 +428,12 @@ def max_steps(noise_multiplier: float, sample_rate: float, delta: float,
     target_epsilon = float(target_epsilon)
     if not (target_epsilon >= 0.0) or math.isnan(target_epsilon):
         raise ValueError(f"target_epsilon must be >= 0, got {target_epsilon}")
-    k = _check_factor(sensitivity_factor)
+    k = check_factor(sensitivity_factor)
     prior = _clean_segments(prior_segments, k)
-    sigma_eff = _check_sigma(noise_multiplier) / k
-    q = _check_q(sample_rate, allow_zero=True)
-    delta = _check_delta(delta)
-    method = _check_method(method)
+    sigma_eff = check_sigma(noise_multiplier) / k
+    q = check_q(sample_rate, allow_zero=True)
+    delta = check_delta(delta)
+    method = check_method(method)
     grid = float(pld_discretization)
 
     def fits(n: int) -> bool:

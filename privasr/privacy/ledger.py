@@ -36,21 +36,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from privasr.train.stop import StopTraining
-from privasr.privacy.accountant import (
-    MAX_STEPS_CAP,
-    PrivacyUnit,
-    _check_delta,
-    _check_factor,
-    _check_method,
-    _check_q,
-    _check_sigma,
-    _check_steps,
-    _check_unit,
-    default_sensitivity_factor,
-    epsilon_for_segments,
-    max_steps,
-)
+from privasr.errors import StopTraining
+from privasr.privacy.accountant import (MAX_STEPS_CAP, PrivacyUnit, check_delta, check_factor,
+                                        check_method, check_q, check_sigma, check_steps,
+                                        check_unit, default_sensitivity_factor,
+                                        epsilon_for_segments, max_steps)
 
 __all__ = ["PrivacyBudgetExceeded", "PrivacyLedger", "LedgerMismatch", "resume_ledger"]
 
@@ -111,15 +101,15 @@ class PrivacyLedger:
     _budget_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.unit = _check_unit(self.unit)
-        self.noise_multiplier = _check_sigma(self.noise_multiplier)
-        self.sample_rate = _check_q(self.sample_rate, allow_zero=False)
-        self.delta = _check_delta(self.delta)
-        self.method = _check_method(self.method)
+        self.unit = check_unit(self.unit)
+        self.noise_multiplier = check_sigma(self.noise_multiplier)
+        self.sample_rate = check_q(self.sample_rate, allow_zero=False)
+        self.delta = check_delta(self.delta)
+        self.method = check_method(self.method)
         default_k = default_sensitivity_factor(self.unit)
         if self.sensitivity_factor is None:
             self.sensitivity_factor = default_k
-        self.sensitivity_factor = _check_factor(self.sensitivity_factor)
+        self.sensitivity_factor = check_factor(self.sensitivity_factor)
         if self.sensitivity_factor < default_k:
             warnings.warn(
                 f"sensitivity_factor {self.sensitivity_factor:g} is below the default "
@@ -136,8 +126,8 @@ class PrivacyLedger:
         cleaned = []
         for seg in self.segments:
             steps, sigma, q = seg
-            cleaned.append([_check_steps(steps, minimum=0), _check_sigma(sigma),
-                            _check_q(q, allow_zero=True)])
+            cleaned.append([check_steps(steps, minimum=0), check_sigma(sigma),
+                            check_q(q, allow_zero=True)])
         self.segments = cleaned
 
     # ------------------------------------------------------------------ recording
@@ -151,13 +141,13 @@ class PrivacyLedger:
                    sample_rate: float | None = None) -> None:
         """Change σ and/or q for the following steps (a new segment starts at the next step)."""
         if noise_multiplier is not None:
-            self.noise_multiplier = _check_sigma(noise_multiplier)
+            self.noise_multiplier = check_sigma(noise_multiplier)
         if sample_rate is not None:
-            self.sample_rate = _check_q(sample_rate, allow_zero=False)
+            self.sample_rate = check_q(sample_rate, allow_zero=False)
 
     def record_step(self, n: int = 1) -> None:
         """Record ``n`` steps taken at the current (σ, q)."""
-        n = _check_steps(n, minimum=0)
+        n = check_steps(n, minimum=0)
         if n == 0:
             return
         if self.segments and self.segments[-1][1:] == [self.noise_multiplier, self.sample_rate]:
@@ -186,7 +176,7 @@ class PrivacyLedger:
 
     def epsilon_after(self, n_more_steps: int = 1) -> float:
         """ε after ``n_more_steps`` further steps at the current (σ, q)."""
-        return self._epsilon_of(self._segments_after(_check_steps(n_more_steps, minimum=0)))
+        return self._epsilon_of(self._segments_after(check_steps(n_more_steps, minimum=0)))
 
     def max_total_steps(self) -> int | None:
         """The largest total step count that fits the budget if σ and q stay as they are now.
@@ -216,7 +206,7 @@ class PrivacyLedger:
         An integer comparison against :meth:`max_total_steps` (no ε computation per step). Also
         True when the steps already taken exceed the budget (e.g. a budget lowered on resume).
         """
-        n = _check_steps(n_more_steps, minimum=0)
+        n = check_steps(n_more_steps, minimum=0)
         if self.target_epsilon is None:
             return False
         limit = self.max_total_steps()

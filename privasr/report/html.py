@@ -14,10 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from privasr.atomic import atomic_write_text  # noqa: E402
-from privasr.train.metrics_log import MetricsLogger  # noqa: E402
+from privasr.report.metrics_log import MetricsLogger  # noqa: E402
 
 
-def _png(fig) -> str:
+def png_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +37,7 @@ def training_figures(run_dir: str | Path) -> dict[str, str]:
         ax.set(xlabel="step", ylabel="CTC loss / label", title="Loss", yscale="log")
         ax.legend()
         ax.grid(alpha=0.3)
-        figs["loss"] = _png(fig)
+        figs["loss"] = png_data_uri(fig)
     if dev:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in dev], [100 * r["wer"] for r in dev], "o-", label="WER")
@@ -45,7 +45,7 @@ def training_figures(run_dir: str | Path) -> dict[str, str]:
         ax.set(xlabel="step", ylabel="%", title="Dev error rates (greedy)")
         ax.legend()
         ax.grid(alpha=0.3)
-        figs["wer"] = _png(fig)
+        figs["wer"] = png_data_uri(fig)
     if train and "frac_clipped" in train[0]:
         figs["clipping"] = _clipping_figure(train)
     return figs
@@ -65,10 +65,10 @@ def _clipping_figure(train: list[dict[str, float]]) -> str:
     b.plot(steps, [100 * r["frac_clipped"] for r in train], color="C2")
     b.set(xlabel="step", ylabel="%", title="Units clipped", ylim=(-2, 102))
     b.grid(alpha=0.3)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def html_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     cols = list(rows[0])
@@ -96,7 +96,7 @@ def write_report(run_dir: str | Path, title: str, tables: dict[str, list[dict[st
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
     for name, rows in tables.items():
-        parts.append(f"<h2>{html.escape(name)}</h2>{_table(rows)}")
+        parts.append(f"<h2>{html.escape(name)}</h2>{html_table(rows)}")
     for name, b64 in figs.items():
         parts.append(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{b64}">')
     parts.extend(sections)

@@ -35,10 +35,10 @@ from torch import nn
 
 from privasr.clipping.percore import (FlatGrads, PerCoreGradient, SimulatedCores,
                                       shard_batches)
-from privasr.clipping.policy import PolicyError
+from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 from privasr.privacy.randomness import SecretRandomness
-from privasr.train.loss import NonFiniteLossError
+from privasr.errors import NonFiniteLossError
 
 __all__ = ["DistContext", "init_distributed", "main_first", "broadcast_module",
            "DistributedMeanGradient", "NullLog", "prepare_config", "distribute_setup",

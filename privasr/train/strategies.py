@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from privasr.clipping.policy import ClipPolicy, PolicyError, split_noise_multiplier
+from privasr.clipping.policy import ClipPolicy, split_noise_multiplier
+from privasr.errors import PolicyError
 from privasr.clipping.strategy import ClippedGradient
 from privasr.config import TrainConfig
 from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler

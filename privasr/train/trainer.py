@@ -24,13 +24,14 @@ from tqdm import tqdm
 from privasr.config import TrainConfig, to_dict
 from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler
 from privasr.data.features import SpecAugment
-from privasr.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from privasr.train.evaluate import evaluate
+from privasr.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from privasr.decoding.evaluate import evaluate
 from privasr.train.gradient import BatchClipGradient, GradientStrategy
-from privasr.train.loss import NonFiniteLossError, checked, per_example_ctc
-from privasr.train.metrics_log import MetricsLogger
+from privasr.errors import NonFiniteLossError
+from privasr.models.loss import checked, per_example_ctc
+from privasr.report.metrics_log import MetricsLogger
 from privasr.train.schedule import warmup_cosine
-from privasr.train.stop import StopTraining
+from privasr.errors import StopTraining
 
 
 def pick_device(name: str) -> torch.device:

@@ -29,8 +29,8 @@ def decode_test_with_lm(cfg, log=print) -> dict:
     from privasr.decoding.lm import WordNgramLM
     from privasr.decoding.metrics import error_report
     from privasr.inference import decode_beam, load_model
-    from privasr.train.evaluate import predict
-    from privasr.train.recipe import load_split, manifest_paths
+    from privasr.decoding.evaluate import predict
+    from privasr.data.splits import load_split, manifest_paths
     from privasr.data.manifest import SkipReport
     from privasr.data.tokenizer import CharTokenizer
 
@@ -58,7 +58,7 @@ def decode_test_with_lm(cfg, log=print) -> dict:
 
 
 def run_demo(quick: bool = False, overrides: list[str] = (), log=print) -> dict:
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     t0 = time.time()
     cfg = load_config(CONFIG_DIR / "demo.yaml", (QUICK if quick else []) + list(overrides))

@@ -3,7 +3,7 @@
 × ε ∈ {1, 3, 10} at δ = min(1e-5, N^-1.1).
 
     privasr dp-peft configs/dp_peft.yaml [device=cuda] [finetune_steps=300] [key=value ...]
-    python -m privasr.peft.experiment configs/dp_peft.yaml device=cuda
+    python -m privasr.recipes.dp_peft configs/dp_peft.yaml device=cuda
 
 Every run is an ordinary ``privasr train`` run (``configs/pretrain.yaml`` once, then
 ``configs/dp_finetune.yaml`` with ``init=<pretrain>/last.pt peft=METHOD``) in its own folder
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from privasr.atomic import atomic_write_text
-from privasr.config import ConfigError, load_config, to_dict
-from privasr.peft.config import METHODS
+from privasr.errors import ConfigError
+from privasr.config import load_config, to_dict
+from privasr.config import METHODS
 
 __all__ = ["DpPeftConfig", "run_experiment", "main"]
 
@@ -66,7 +67,7 @@ def _check(cfg: DpPeftConfig) -> None:
 
 def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     """``privasr train recipe overrides``, reusing a finished run with the same config."""
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     cfg = load_config(recipe, overrides)
     out = Path(cfg.out_dir)
@@ -84,7 +85,7 @@ def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[
 
 def _zero_shot(ckpt: Path, finetune: str, overrides: list[str]) -> dict[str, Any]:
     """The pre-trained model (its own CTC head) on the private test speakers."""
-    from privasr.train.recipe import evaluate_checkpoint
+    from privasr.recipes.train import evaluate_checkpoint
 
     return evaluate_checkpoint(ckpt, load_config(finetune, overrides))
 
@@ -92,7 +93,7 @@ def _zero_shot(ckpt: Path, finetune: str, overrides: list[str]) -> dict[str, Any
 def step_seconds(run_dir: str | Path, fallback: float | None) -> float | None:
     """Median gradient-step time logged in the run's train.csv (every ``log_every`` steps, so
     it spans a resumed run's earlier processes too); ``fallback`` when nothing was logged."""
-    from privasr.train.metrics_log import MetricsLogger
+    from privasr.report.metrics_log import MetricsLogger
 
     if not (Path(run_dir) / "train.csv").exists():
         return fallback
@@ -142,7 +143,7 @@ def summarize(rows: list[dict[str, Any]], target_ratio: float) -> dict[str, Any]
 
 
 def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    from privasr.peft.report import write_peft_report
+    from privasr.recipes.dp_peft_report import write_peft_report
 
     _check(cfg)
     out = Path(cfg.out_dir)

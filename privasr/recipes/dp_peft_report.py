@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from privasr.report.html import _png, plt, write_report
+from privasr.report.html import png_data_uri, plt, write_report
 
 __all__ = ["wer_vs_epsilon_figure", "write_peft_report"]
 
@@ -40,7 +40,7 @@ def wer_vs_epsilon_figure(rows: list[dict[str, Any]]) -> str | None:
            title="DP fine-tuning: WER vs ε")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def write_peft_report(out_dir: str | Path, rows: list[dict[str, Any]],

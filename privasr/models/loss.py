@@ -7,15 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privasr.data.dataset import Batch
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss: never trained on silently."""
-
-    def __init__(self, ids: list[str], values: list[float]):
-        self.ids = ids
-        shown = ", ".join(f"{i} ({v})" for i, v in list(zip(ids, values))[:5])
-        super().__init__(f"non-finite CTC loss for {len(ids)} utterance(s): {shown}")
+from privasr.errors import NonFiniteLossError
 
 
 def per_example_ctc(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -48,7 +48,7 @@ def variants(bounds: Sequence[float], cores: int) -> dict[str, list[str]]:
 
 def _read_logs(run: Path) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """(train.csv rows, dev.csv rows) of a run."""
-    from privasr.train.metrics_log import MetricsLogger
+    from privasr.report.metrics_log import MetricsLogger
 
     log = MetricsLogger(run, tensorboard=False)
     return log.read("train"), log.read("dev")
@@ -61,7 +61,7 @@ def _mean(rows: list[dict[str, float]], key: str) -> float:
 
 def run_variant(name: str, cfg_path: Path, overrides: list[str], out: Path,
                 log: Callable[..., None]) -> dict[str, Any]:
-    from privasr.train.recipe import run_training
+    from privasr.recipes.train import run_training
 
     cfg = load_config(cfg_path, overrides + [f"out_dir={out / name}"])
     done = out / name / "results.json"
@@ -136,7 +136,7 @@ def write_pcc_report(out: Path, results: dict[str, Any]) -> Path:
     """OUT/report.html: the WER table and every variant's train-loss and dev-WER curves."""
     import matplotlib.pyplot as plt
 
-    from privasr.report.html import _png, write_report
+    from privasr.report.html import png_data_uri, write_report
 
     figs = {}
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -146,14 +146,14 @@ def write_pcc_report(out: Path, results: dict[str, Any]) -> Path:
            title=f"Training loss, K = {results['cores']} simulated cores")
     ax.legend()
     ax.grid(alpha=0.3)
-    figs["train loss"] = _png(fig)
+    figs["train loss"] = png_data_uri(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in results["curves"].items():
         ax.plot(c["dev_step"], [100 * w for w in c["dev_wer"]], "o-", label=name)
     ax.set(xlabel="step", ylabel="dev WER (%)", title="Dev WER (greedy)")
     ax.legend()
     ax.grid(alpha=0.3)
-    figs["dev WER"] = _png(fig)
+    figs["dev WER"] = png_data_uri(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, c) in enumerate((n, c) for n, c in results["curves"].items() if n != "baseline"):
         ax.plot(c["step"], c["core_norm_p50"], color=f"C{i + 1}", alpha=0.5,
@@ -163,7 +163,7 @@ def write_pcc_report(out: Path, results: dict[str, Any]) -> Path:
            title="Per-core gradient norms and the bound in force")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    figs["norms and bounds"] = _png(fig)
+    figs["norms and bounds"] = png_data_uri(fig)
     notes = (f"Per-core clipping with K = {results['cores']} simulated cores on "
              f"{results['device']}, {results['steps']} steps; σ = 0 (memorization mitigation, "
              "no formal DP). baseline = ordinary training (batch gradient clipped to "

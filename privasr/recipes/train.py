@@ -2,79 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from typing import Sequence
 from pathlib import Path
 
 from privasr.atomic import atomic_write_text
 from privasr.config import TrainConfig, to_dict
-from privasr.data.dataset import AsrDataset, compute_features
-from privasr.data.features import FeatureConfig
-from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
-from privasr.data.domains import domain_config
-from privasr.data.synth import SynthConfig, synthesize_corpus
+from privasr.data.dataset import AsrDataset
+from privasr.data.manifest import SkipReport
+from privasr.data.splits import ensure_corpus, load_split, manifest_paths
 from privasr.data.tokenizer import CharTokenizer
-from privasr.models.conformer import ConformerCTC, config_for, count_parameters
-from privasr.train.evaluate import evaluate
+from privasr.decoding.evaluate import evaluate
+from privasr.models.build import build_model
+from privasr.models.conformer import count_parameters
 from privasr.peft.apply import finish_peft, prepare_model
 from privasr.privacy.statement import privacy_statement, statement_text
 from privasr.train.strategies import build_setup
 from privasr.train.timing import TimedGradient
 from privasr.train.trainer import Trainer, pick_device, set_threads
 
-
-def manifest_paths(cfg: TrainConfig) -> dict[str, Path]:
-    d = cfg.data
-    corpus = Path(d.corpus_dir)
-    return {s: Path(getattr(d, s) or corpus / f"{s}.jsonl") for s in ("train", "dev", "test")}
-
-
-def ensure_corpus(cfg: TrainConfig, log=print) -> None:
-    """Synthesise the embedded corpus when the recipe points at it and it is absent."""
-    paths = manifest_paths(cfg)
-    if cfg.data.train or all(p.exists() for p in paths.values()):
-        return
-    log(f"building the embedded corpus in {cfg.data.corpus_dir} "
-        f"({cfg.data.synth_hours} h, {cfg.data.synth_speakers} speakers"
-        f"{', ' + cfg.data.synth_domain + ' domain' if cfg.data.synth_domain else ''})")
-    synth_cfg = SynthConfig(hours=cfg.data.synth_hours, speakers=cfg.data.synth_speakers,
-                            seed=cfg.seed)
-    if cfg.data.synth_domain:
-        synth_cfg = domain_config(cfg.data.synth_domain, hours=cfg.data.synth_hours,
-                                  speakers=cfg.data.synth_speakers, seed=cfg.seed)
-    summary = synthesize_corpus(cfg.data.corpus_dir, synth_cfg,
-                                workers=cfg.data.feature_workers, progress=cfg.progress)
-    log(f"corpus: {json.dumps(summary)}")
-
-
-def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
-               limit: int | None = None, speeds: Sequence[float] = ()) -> AsrDataset:
-    """A manifest's utterances with cached features, plus speed-perturbed copies if asked."""
-    utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
-    if limit is not None:
-        utts = utts[:limit]
-    utts = validate(utts, on_error=cfg.data.on_error, report=report)
-    all_utts, all_feats, source_of = [], [], {}
-    for speed in (1.0, *speeds):
-        feats = compute_features(utts, FeatureConfig(speed=speed), cache_dir=path.parent / "feats",
-                                 workers=cfg.data.feature_workers, progress=cfg.progress,
-                                 desc=f"features {path.name}" + (f" x{speed}" if speed != 1 else ""))
-        all_feats += feats
-        if speed == 1.0:
-            all_utts += utts
-            continue
-        for u in utts:
-            all_utts.append(dataclasses.replace(u, id=f"{u.id}_sp{speed}",
-                                                duration=u.duration / speed))
-            source_of[all_utts[-1].id] = u.id
-    return AsrDataset(all_utts, all_feats, tok, report=report, source_of=source_of)
-
-
-def build_model(cfg: TrainConfig, vocab_size: int) -> ConformerCTC:
-    return ConformerCTC(config_for(cfg.model.size, vocab_size=vocab_size,
-                                   dropout=cfg.model.dropout))
+__all__ = ["run_training", "evaluate_checkpoint", "write_run_report", "WITHHELD_METRICS"]
 
 
 def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig, split: str = "test") -> dict:
@@ -199,7 +146,7 @@ def probe_independence(trainer: Trainer, train_ds: AsrDataset, strategy) -> None
     """Before a DP run: refuse a model whose per-example gradients depend on the rest of the
     batch or on padding (BatchNorm, unmasked pooling), which would void the sensitivity bound."""
     from privasr.clipping.probe import check_per_example_independence
-    from privasr.train.loss import checked
+    from privasr.models.loss import checked
 
     clipped = getattr(strategy, "clipped", None)
     engine = getattr(clipped, "engine", None) or getattr(clipped, "_engine", None)

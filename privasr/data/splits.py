@@ -1,0 +1,66 @@
+"""A recipe's data: its manifests, the embedded corpus built on demand, and the cached-feature
+datasets (with speed-perturbed copies grouped with their source utterance)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from privasr.config import TrainConfig
+from privasr.data.dataset import AsrDataset, compute_features
+from privasr.data.domains import domain_config
+from privasr.data.features import FeatureConfig
+from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
+from privasr.data.synth import SynthConfig, synthesize_corpus
+from privasr.data.tokenizer import CharTokenizer
+
+__all__ = ["manifest_paths", "ensure_corpus", "load_split"]
+
+
+def manifest_paths(cfg: TrainConfig) -> dict[str, Path]:
+    d = cfg.data
+    corpus = Path(d.corpus_dir)
+    return {s: Path(getattr(d, s) or corpus / f"{s}.jsonl") for s in ("train", "dev", "test")}
+
+
+def ensure_corpus(cfg: TrainConfig, log=print) -> None:
+    """Synthesise the embedded corpus when the recipe points at it and it is absent."""
+    paths = manifest_paths(cfg)
+    if cfg.data.train or all(p.exists() for p in paths.values()):
+        return
+    log(f"building the embedded corpus in {cfg.data.corpus_dir} "
+        f"({cfg.data.synth_hours} h, {cfg.data.synth_speakers} speakers"
+        f"{', ' + cfg.data.synth_domain + ' domain' if cfg.data.synth_domain else ''})")
+    synth_cfg = SynthConfig(hours=cfg.data.synth_hours, speakers=cfg.data.synth_speakers,
+                            seed=cfg.seed)
+    if cfg.data.synth_domain:
+        synth_cfg = domain_config(cfg.data.synth_domain, hours=cfg.data.synth_hours,
+                                  speakers=cfg.data.synth_speakers, seed=cfg.seed)
+    summary = synthesize_corpus(cfg.data.corpus_dir, synth_cfg,
+                                workers=cfg.data.feature_workers, progress=cfg.progress)
+    log(f"corpus: {json.dumps(summary)}")
+
+
+def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
+               limit: int | None = None, speeds: Sequence[float] = ()) -> AsrDataset:
+    """A manifest's utterances with cached features, plus speed-perturbed copies if asked."""
+    utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
+    if limit is not None:
+        utts = utts[:limit]
+    utts = validate(utts, on_error=cfg.data.on_error, report=report)
+    all_utts, all_feats, source_of = [], [], {}
+    for speed in (1.0, *speeds):
+        feats = compute_features(utts, FeatureConfig(speed=speed), cache_dir=path.parent / "feats",
+                                 workers=cfg.data.feature_workers, progress=cfg.progress,
+                                 desc=f"features {path.name}" + (f" x{speed}" if speed != 1 else ""))
+        all_feats += feats
+        if speed == 1.0:
+            all_utts += utts
+            continue
+        for u in utts:
+            all_utts.append(dataclasses.replace(u, id=f"{u.id}_sp{speed}",
+                                                duration=u.duration / speed))
+            source_of[all_utts[-1].id] = u.id
+    return AsrDataset(all_utts, all_feats, tok, report=report, source_of=source_of)
