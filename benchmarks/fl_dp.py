@@ -1,4 +1,4 @@
-"""FL + user-level DP experiment (papers.md §4): per-layer clipping + LAMB vs global + FedAvg.
+"""FL + user-level DP experiment (docs/federated.md): per-layer clipping + LAMB vs global + FedAvg.
 
     python benchmarks/fl_dp.py [--config configs/fl_dp.yaml] [--work runs/fl_dp]
         [--out benchmarks/results/fl_dp.json] [--seed-recipe configs/demo.yaml]
@@ -167,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for clipping, opt, lr in variants:
         name = f"{clipping}-{opt}-lr{lr:g}"
-        extra = [f"dp.clipping={clipping}", f"server.optimizer={opt}", f"server.lr={lr}",
+        c = base.dp.policy["clip_norm"]
+        policy = {"global": f"{{unit: client, clip_norm: {c}}}",
+                  "per_layer_uniform": f"{{unit: client, scope: per_layer, "
+                                       f"per_layer_rule: uniform, clip_norm: {c}}}",
+                  # static bounds: the uniform rule's C/√L on every tensor
+                  "per_layer": f"{{unit: client, scope: per_layer, clip_norm: null, "
+                               f"layer_bounds: {{'*': {c / math.sqrt(n_tensors)}}}}}"}[clipping]
+        extra = [f"dp.policy={policy}", f"server.optimizer={opt}", f"server.lr={lr}",
                  f"out_dir={work / name}", f"init_checkpoint={seed_ckpt}",
                  f"data.train={fl_m}", f"data.dev={paths['dev']}", f"data.test={paths['test']}"]
-        if clipping == "per_layer":   # static bounds: the uniform rule's C/√L on every tensor
-            c = base.dp.clip_norm / math.sqrt(n_tensors)
-            extra += ["dp.clip_norm=null", f"dp.layer_bounds={{'*': {c}}}"]
         cfg = load_fl_config(a.config, list(a.overrides) + extra)
         print(f"== {name}")
         res = run_simulation_fl(cfg)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. results
     best = {(r["clipping"], r["server_optimizer"]): r["test_wer"] for r in rows}
     result = {
-        "experiment": "fl_dp", "paper": "papers.md §4 (Pelikan et al.)",
+        "experiment": "fl_dp", "paper": "Pelikan et al. 2025, docs/federated.md",
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "device": base.device},
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from privasr.report.html import write_report
 
     table = [{k: v for k, v in r.items() if k not in ("curve", "run_dir")} for r in rows]
-    write_report(work, "FL + user-level DP (papers.md §4)",
+    write_report(work, "FL + user-level DP (docs/federated.md)",
                  {"variants": table, "extrapolation": extrapolation or []},
                  notes=f"seed model test WER {seed_res['test_wer']:.3f}; {n_fl} FL speakers")
     for r in table:

@@ -62,6 +62,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (decoupled weight decay on matrices) | sgd (plain, no momentum)
     lr: float = 2e-3
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.98)

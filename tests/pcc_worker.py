@@ -38,7 +38,8 @@ def make_batches() -> list[Batch]:
         for i in range(n):
             feats[i, :lens[i]] = torch.randn(int(lens[i]), 80, generator=gen)
             targets[i, :tlens[i]] = torch.randint(1, 12, (int(tlens[i]),), generator=gen)
-        out.append(Batch([f"utt{start + i}" for i in range(n)], feats, lens, targets, tlens))
+        out.append(Batch([f"utt{start + i}" for i in range(n)], feats, lens, targets, tlens,
+                         [f"spk{(start + i) * 5 % 3}" for i in range(n)]))   # 3 speakers
         start += n
     return out
 
@@ -58,6 +59,21 @@ def policies(c: float) -> dict[str, ClipPolicy]:
         "noise": ClipPolicy(**core, clip_norm=c, noise_multiplier=0.7),
         "quantile": ClipPolicy(**core, bound="quantile", clip_norm=c, noise_multiplier=0.7,
                                quantile_noise_multiplier=0.5, target_quantile=0.3),
+    }
+
+
+def sharded_policies(c: float) -> dict[str, ClipPolicy]:
+    """Example and speaker units sharded across the ranks (ShardedClippedGradient)."""
+    return {
+        "sharded_speaker": ClipPolicy(unit="speaker", clip_norm=c, expected_batch_size=2.5),
+        "sharded_speaker_noise": ClipPolicy(unit="speaker", clip_norm=c, noise_multiplier=0.7,
+                                            expected_batch_size=2.5),
+        "sharded_example_quantile": ClipPolicy(unit="example", bound="quantile", clip_norm=c,
+                                               noise_multiplier=0.7, expected_batch_size=6.0,
+                                               quantile_noise_multiplier=0.5),
+        "sharded_example_layers": ClipPolicy(unit="example", clip_norm=None, scope="per_layer",
+                                             layer_bounds={"*.bias": c / 10, "*": c / 3},
+                                             expected_batch_size=6.0),
     }
 
 
@@ -90,6 +106,12 @@ def main(out: Path) -> None:
     for name, pol in policies(c).items():
         gen = torch.Generator().manual_seed(NOISE_SEED)
         strat = PerCoreGradient(pol, generator=gen)
+        run(name, strat, strat.local_batches(batches))
+    from privasr.clipping.sharded import ShardedClippedGradient
+
+    for name, pol in sharded_policies(c).items():
+        gen = torch.Generator().manual_seed(NOISE_SEED)
+        strat = ShardedClippedGradient(pol, "bookkeeping", generator=gen)
         run(name, strat, strat.local_batches(batches))
     mean = DistributedMeanGradient(max_norm=0.5)
     run("mean", mean, contiguous_shard(ctx.rank, ctx.world_size)(batches))

@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from privasr.privacy import (
     PrivacyUnit,
     calibrate,
-    default_sensitivity_factor,
     epsilon,
     epsilon_for_segments,
     max_steps,
@@ -86,17 +85,15 @@ def test_unreachable_target_raises():
 
 
 def test_units_and_default_factors():
-    assert {u.value for u in PrivacyUnit} == {"example", "microbatch", "core", "client"}
+    assert {u.value for u in PrivacyUnit} == {"example", "microbatch", "core", "speaker", "client"}
     assert PrivacyUnit("client").protects == "speaker"
     assert "per speaker" in PrivacyUnit.CLIENT.description
     assert "per example" in PrivacyUnit.EXAMPLE.description
     assert "per example" in PrivacyUnit.CORE.description
-    assert default_sensitivity_factor("example") == 1.0
-    assert default_sensitivity_factor("client") == 1.0
-    assert default_sensitivity_factor("microbatch") == 2.0
-    assert default_sensitivity_factor("core") == 2.0
-    assert default_sensitivity_factor("microbatch", group_size=1) == 1.0
-    assert PrivacyUnit.CORE.default_sensitivity_factor == 2.0
+    k = {u.value: u.sensitivity_factor for u in PrivacyUnit}
+    assert k == {"example": 1.0, "microbatch": 2.0, "core": 2.0, "speaker": 1.0, "client": 1.0}
+    assert PrivacyUnit.SPEAKER.protects == "speaker" and PrivacyUnit.CORE.count_sensitivity == 1
+    assert PrivacyUnit.EXAMPLE.count_sensitivity == PrivacyUnit.SPEAKER.count_sensitivity == 0.5
 
 
 def test_pld_matches_dp_accounting_pld_accountant():

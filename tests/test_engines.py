@@ -86,7 +86,8 @@ def make_batch(lens: list[int], tlens: list[int], *, start: int, f: int, vocab: 
         feats[i, :n] = torch.randn(n, f, generator=gen)
         targets[i, :k] = torch.randint(1, vocab, (k,), generator=gen)
     return Batch([f"utt{start + i}" for i in range(b)], feats, torch.tensor(lens, dtype=torch.long),
-                 targets, torch.tensor(tlens, dtype=torch.long))
+                 targets, torch.tensor(tlens, dtype=torch.long),
+                 [f"spk{(start + i) * 5 % 3}" for i in range(b)])   # 3 speakers, interleaved
 
 
 def make_batches(sizes: list[int], seed: int, *, f: int = 6, vocab: int = 5,
@@ -145,7 +146,7 @@ def test_auto_engine_dispatch():
 # -- every engine == reference, small models (property test) --------------------------------------
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model_kind=st.sampled_from(sorted(MODELS)),
-       unit=st.sampled_from(["example", "microbatch", "core", "batch"]),
+       unit=st.sampled_from(["example", "microbatch", "core", "batch", "speaker"]),
        scope=st.sampled_from(["global", "uniform", "layers"]),
        bound=st.sampled_from(["fixed", "adaptive_min"]),
        sizes=st.lists(st.integers(0, 4), min_size=1, max_size=3),
@@ -183,7 +184,7 @@ def conformer_setup():
 
 @pytest.mark.parametrize("bound", ["fixed", "adaptive_min"])
 @pytest.mark.parametrize("scope", ["global", "uniform", "layers"])
-@pytest.mark.parametrize("unit", ["example", "microbatch", "core", "batch"])
+@pytest.mark.parametrize("unit", ["example", "microbatch", "core", "batch", "speaker"])
 def test_engines_match_reference_conformer(conformer_setup, unit, scope, bound):
     if scope == "layers" and bound == "adaptive_min":
         pytest.skip("refused by the policy")

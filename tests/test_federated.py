@@ -8,7 +8,8 @@ import torch
 
 from privasr.clipping.noise import GaussianNoise
 from privasr.federated.aggregate import aggregate
-from privasr.federated.clip import DeltaClipper, clip_policy
+from privasr.clipping.release import Release
+from privasr.federated.clip import DeltaClipper, client_policy
 from privasr.federated.config import load_fl_config
 from privasr.federated.optim import Lamb
 
@@ -44,15 +45,22 @@ def _norm(d):
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values()))
 
 
+POLICIES = {
+    "global": lambda bounds: {"clip_norm": 1.0},
+    "per_layer_uniform": lambda bounds: {"scope": "per_layer", "per_layer_rule": "uniform",
+                                         "clip_norm": 1.0},
+    "per_layer": lambda bounds: {"scope": "per_layer", "clip_norm": None,
+                                 "layer_bounds": bounds},
+}
+
+
 @pytest.mark.parametrize("clipping", ["global", "per_layer_uniform", "per_layer"])
 def test_aggregate_matches_hand_computation(clipping):
     deltas = _deltas(SHAPES, 3, scale=1.0) + _deltas(SHAPES, 1, scale=1e-3, seed=1)
     bounds = {"a.*": 0.5, "*": 0.25}
-    pol = clip_policy(clipping, None if clipping == "per_layer" else 1.0,
-                      bounds if clipping == "per_layer" else None)
+    pol = client_policy(POLICIES[clipping](bounds), expected_cohort=5.0)
     clipper = DeltaClipper(pol, list(SHAPES))
-    agg = aggregate(deltas, clipper, noise_multiplier=0.0, expected_cohort=5.0,
-                    noise=GaussianNoise(), shapes=SHAPES)
+    agg = aggregate(deltas, clipper, Release(pol, GaussianNoise()), SHAPES)
     want = {k: torch.zeros(s) for k, s in SHAPES.items()}
     for d in deltas:
         total = _norm(d)
@@ -74,13 +82,13 @@ def test_aggregate_matches_hand_computation(clipping):
 
 def test_aggregate_noise_is_sigma_times_total_bound_over_expected_cohort():
     big = {"w": torch.Size([200_000])}
-    clipper = DeltaClipper(clip_policy("global", 2.0, None), ["w"])
-    agg = aggregate([], clipper, noise_multiplier=0.5, expected_cohort=4.0,
-                    noise=GaussianNoise(generator=torch.Generator().manual_seed(0)), shapes=big)
+    pol = client_policy({"clip_norm": 2.0}, noise_multiplier=0.5, expected_cohort=4.0)
+    clipper = DeltaClipper(pol, ["w"])
+    agg = aggregate([], clipper, Release(pol, GaussianNoise(
+        generator=torch.Generator().manual_seed(0))), big)
     assert float(agg.update["w"].std()) == pytest.approx(0.5 * 2.0 / 4.0, rel=0.01)
-    again = aggregate([], clipper, noise_multiplier=0.5, expected_cohort=4.0,
-                      noise=GaussianNoise(generator=torch.Generator().manual_seed(0)),
-                      shapes=big)
+    again = aggregate([], clipper, Release(pol, GaussianNoise(
+        generator=torch.Generator().manual_seed(0))), big)
     assert torch.equal(agg.update["w"], again.update["w"])
 
 
@@ -88,7 +96,7 @@ def test_server_round_is_hand_fedavg_and_skips_bad_clients(fl_manifest, tmp_path
     from privasr.federated.server import FLServer
 
     cfg = _cfg(fl_manifest, tmp_path / "run", "server.optimizer=fedavg", "server.lr=1.0",
-               "dp.clip_norm=0.1")
+               "dp.policy.clip_norm=0.1")
     server = FLServer(cfg, log=lambda *_: None)
     before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
     good = _deltas(server.shapes, 2, scale=0.01)
@@ -175,10 +183,16 @@ def test_lamb_moves_each_layer_by_lr_times_its_norm():
 def test_bad_recipes_name_the_problem(tmp_path):
     from privasr.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="dp.clipping"):
-        load_fl_config(None, ["dp.clipping=layerwise"])
-    with pytest.raises(ConfigError, match="layer_bounds"):
-        load_fl_config(None, ["dp.clipping=per_layer"])
+    with pytest.raises(ConfigError, match="dp.policy.*scope"):
+        load_fl_config(None, ["dp.policy.scope=layerwise"])
+    with pytest.raises(ConfigError, match="dp.policy.*layer_bounds"):
+        load_fl_config(None, ["dp.policy.scope=per_layer"])
+    with pytest.raises(ConfigError, match="unit is the client"):
+        load_fl_config(None, ["dp.policy.unit=example"])
+    with pytest.raises(ConfigError, match="set by the server"):
+        load_fl_config(None, ["dp.policy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="bound='fixed'"):
+        load_fl_config(None, ["dp.policy.bound=quantile"])
     with pytest.raises(ConfigError, match="poisson"):
         load_fl_config(None, ["dp.noise_multiplier=1.0", "server.sampling=fixed"])
 
@@ -221,7 +235,8 @@ def test_two_round_simulation_with_failing_and_timed_out_clients(tiny_corpus, tm
     # 1. every speaker sampled (q = 1), σ > 0, per-layer uniform clipping, LAMB
     cfg = load_fl_config(None, [f"out_dir={tmp_path / 'a'}", f"server.cohort_size={n}",
                                 "dp.noise_multiplier=0.7", "dp.delta=1e-3",
-                                "dp.clipping=per_layer_uniform", "server.optimizer=lamb",
+                                "dp.policy.scope=per_layer", "dp.policy.per_layer_rule=uniform",
+                                "server.optimizer=lamb",
                                 "server.lr=0.01", *common])
     res = run_simulation_fl(cfg, log=logs.append)
     assert res["rounds"] == 2 and res["failed_clients"] == 2, logs

@@ -37,8 +37,9 @@ def test_defaults_and_units():
     assert _ledger(unit="client").sensitivity_factor == 1.0
     with pytest.warns(UserWarning, match="single example"):
         _ledger(unit="microbatch", sensitivity_factor=1.0)
+    assert _ledger(unit="speaker").sensitivity_factor == 1.0
     with pytest.raises(ValueError, match="unit must be one of"):
-        _ledger(unit="speaker")
+        _ledger(unit="user")
     with pytest.raises(ValueError, match="sample_rate"):
         _ledger(sample_rate=0.0)
     with pytest.raises(ValueError, match="delta"):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from privasr.clipping import ClippedGradient
-from privasr.clipping.percore import SimulatedCores
 from privasr.train.gradient import BatchClipGradient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pcc_worker import NOISE_SEED, loss_fn, make_batches, make_model, policies  # noqa: E402
+from pcc_worker import (NOISE_SEED, loss_fn, make_batches, make_model, policies,  # noqa: E402
+                        sharded_policies)
 
 ROOT = Path(__file__).resolve().parent.parent
 REL = 1e-6
@@ -51,6 +51,28 @@ def _max_rel_diff(model, grads) -> float:
     return max(float((p.grad - grads[n]).abs().max()) for n, p in model.named_parameters()) / scale
 
 
+@pytest.mark.parametrize("case", list(sharded_policies(1.0)))
+def test_sharded_units_under_torchrun_match_one_process(dist_run, case, one_thread):
+    """unit = example / speaker across 2 ranks == ClippedGradient on one process (same draws)."""
+    _, probe, _ = _load(dist_run, "probe")
+    c = (probe["norm_core0"] * probe["norm_core1"]) ** 0.5
+    pol = sharded_policies(c)[case]
+    g0, s0, state0 = _load(dist_run, case)
+    g1, s1, state1 = _load(dist_run, case, rank=1)
+    assert state0 == state1 and all(torch.equal(g0[n], g1[n]) for n in g0)
+    model = make_model()
+    one = ClippedGradient(pol, "reference", generator=torch.Generator().manual_seed(NOISE_SEED))
+    st = one.fill_grads(model, make_batches(), loss_fn())
+    assert _max_rel_diff(model, g0) <= REL, case
+    assert state0["step"] == 1 and (state0["clip_norm"] is None
+                                    or state0["clip_norm"] == pytest.approx(one.clip_norm,
+                                                                            rel=1e-6))
+    for k in ("loss", "frac_clipped", "bound", "units", "examples", "norm_p10", "norm_p50",
+              "norm_p90", "noise_std"):
+        assert s0[k] == pytest.approx(st[k], rel=1e-5, nan_ok=True), (case, k)
+    assert st["frac_clipped"] > 0, case                     # the bound binds
+
+
 @pytest.mark.parametrize("case", list(policies(1.0)))
 def test_torchrun_matches_simulation(dist_run, case, one_thread):
     _, probe, _ = _load(dist_run, "probe")
@@ -62,8 +84,7 @@ def test_torchrun_matches_simulation(dist_run, case, one_thread):
     assert all(torch.equal(g0[n], g1[n]) for n in g0)       # every rank holds the same update
     for engine, tol in (("reference", REL), ("vectorized", 2 * REL)):
         model = make_model()
-        sim = SimulatedCores(ClippedGradient(
-            pol, engine, generator=torch.Generator().manual_seed(NOISE_SEED)))
+        sim = ClippedGradient(pol, engine, generator=torch.Generator().manual_seed(NOISE_SEED))
         st = sim.fill_grads(model, make_batches(), loss_fn())
         assert _max_rel_diff(model, g0) <= tol, (engine, case)
         want = sim.state_dict()

@@ -9,7 +9,7 @@ the Secret Sharer.
   ``rank = 1 + #{references with a strictly lower score}`` (interpolation), or
   ``−log2 CDF(score)`` under a skew-normal fitted to the references (extrapolation, which can
   exceed log2 |R|).
-- **One-run ε lower bound** (Steinke, Nasr & Jagielski 2023, Appendix D; papers.md §7a): guess
+- **One-run ε lower bound** (Steinke, Nasr & Jagielski 2023, Appendix D; docs/audit.md): guess
   "in" for the k+ highest membership scores, "out" for the k− lowest, abstain elsewhere; count the
   v correct of r guesses; the largest ε at which ``P[Binomial(r, e^ε/(1+e^ε)) ≥ v] (+ δ term)``
   stays below ``1 − confidence`` is a valid lower bound for one *pre-chosen* (k+, k−).

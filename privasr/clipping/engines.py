@@ -48,7 +48,6 @@ import warnings
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -58,27 +57,20 @@ from torch.func import functional_call, vmap
 from privasr.clipping.bookkeeping import (UnsupportedModuleError, describe_modules,
                                           hooked_clipped_sum, hooked_per_example_grads,
                                           unsupported_modules, vmap_unsupported)
-from privasr.clipping.policy import ClipPolicy, assign_groups
+from privasr.clipping.factors import (LayerSpec, adaptive_bound, clip_factors, resolve_layers,
+                                      trainable_parameters)
+from privasr.clipping.policy import ClipPolicy, batch_units
 from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 
-__all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine", "LayerSpec",
-           "resolve_layers", "trainable_parameters", "ReferenceEngine", "VectorizedEngine",
-           "BookkeepingEngine", "AutoEngine", "unit_norms", "clip_one",
-           "per_example_grads", "EngineFallbackWarning", "UnsupportedModuleError"]
+__all__ = ["ClipResult", "Engine", "ENGINES", "register_engine", "get_engine",
+           "ReferenceEngine", "VectorizedEngine", "BookkeepingEngine", "AutoEngine",
+           "per_example_grads", "EngineFallbackWarning", "UnsupportedModuleError",
+           "check_losses", "batch_rows", "SavedState"]
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
-UNIFORM_EPS = 1e-10  # ml-pfl4asr clip_layer_grads: g_l / (‖g_l‖ + 1e-10) · C/√L
-# Deviation from ml-pfl4asr: under the uniform rule a tensor whose norm is below
-# UNIFORM_ZERO_RTOL × (the unit's total norm) is rounding noise of a gradient that is exactly 0
-# in exact arithmetic (e.g. attention key biases: softmax ignores a per-row constant), and
-# rescaling it to C/√L would inject that noise at full size. Such tensors are set to 0 instead.
-# (ml-pfl4asr's models have no biases, so they never meet the case.)
-UNIFORM_ZERO_RTOL = 1e-6
-
-
 # ---------------------------------------------------------------------------------------------
-# results, layers, registry
+# results, registry
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ClipResult:
@@ -99,54 +91,6 @@ class ClipResult:
     def unclipped(self) -> int:
         """Units with ‖g_u‖ ≤ bound: the count behind the quantile bound update."""
         return int((self.norms <= self.bound).sum()) if self.units else 0
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How the scope applies to the trainable tensors ``names`` (each tensor is one layer)."""
-
-    names: tuple[str, ...]
-    mode: str                           # "global" | "uniform" | "layers"
-    layer_bounds: tuple[float, ...] | None = None
-
-    def total_bound(self, clip_norm: float) -> float:
-        if self.mode == "layers":
-            return math.sqrt(sum(c * c for c in self.layer_bounds))
-        return float(clip_norm)
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def resolve_layers(policy: ClipPolicy, names: Sequence[str]) -> LayerSpec:
-    """Match the policy's per-layer bounds to parameter names (raises PolicyError on misfits)."""
-    names = tuple(names)
-    if policy.scope == "global":
-        return LayerSpec(names, "global")
-    if policy.per_layer_rule == "uniform":
-        return LayerSpec(names, "uniform")
-    patterns = list(policy.layer_bounds.items())
-    used = {pat: 0 for pat, _ in patterns}
-    bounds, unmatched = [], []
-    for n in names:
-        for pat, c in patterns:
-            if fnmatchcase(n, pat):
-                bounds.append(float(c))
-                used[pat] += 1
-                break
-        else:
-            unmatched.append(n)
-    dead = [pat for pat, k in used.items() if k == 0]
-    if dead:
-        raise PolicyError(f"layer_bounds pattern(s) {dead} match no trainable parameter (a typo, "
-                          f"or every match comes earlier or is frozen); trainable names look "
-                          f"like {list(names[:4])}")
-    if unmatched:
-        raise PolicyError(f"{len(unmatched)} trainable parameter(s) match no layer_bounds "
-                          f"pattern, e.g. {unmatched[:4]}: every tensor needs a bound (add a "
-                          f"catch-all '*' pattern last)")
-    return LayerSpec(names, "layers", tuple(bounds))
 
 
 ENGINES: dict[str, type["Engine"]] = {}
@@ -191,12 +135,14 @@ def _trim(b: Batch) -> Batch:
     """Drop the columns of padding no example of ``b`` needs."""
     t = int(b.feat_lens.max())
     s = max(1, int(b.target_lens.max())) if b.targets.shape[1] else 0
-    return Batch(list(b.ids), b.feats[:, :t], b.feat_lens, b.targets[:, :s], b.target_lens)
+    return Batch(list(b.ids), b.feats[:, :t], b.feat_lens, b.targets[:, :s], b.target_lens,
+                 b.speakers)
 
 
 def batch_rows(b: Batch, start: int, stop: int) -> Batch:
     return _trim(Batch(b.ids[start:stop], b.feats[start:stop], b.feat_lens[start:stop],
-                       b.targets[start:stop], b.target_lens[start:stop]))
+                       b.targets[start:stop], b.target_lens[start:stop],
+                       b.speakers_of(range(start, stop))))
 
 
 def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch:
@@ -211,9 +157,11 @@ def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch
         n, k = int(b.feat_lens[r]), int(b.target_lens[r])
         feats[i, :n] = b.feats[r, :n]
         targets[i, :k] = b.targets[r, :k]
+    speakers = None if any(b.speakers is None for b, _ in rows) else \
+        [b.speakers[r] for b, r in rows]
     return Batch([b.ids[r] for b, r in rows], feats,
                  torch.stack([b.feat_lens[r] for b, r in rows]), targets,
-                 torch.stack([b.target_lens[r] for b, r in rows]))
+                 torch.stack([b.target_lens[r] for b, r in rows]), speakers)
 
 
 def check_losses(losses: Tensor, n: int) -> Tensor:
@@ -232,35 +180,6 @@ def _grads(loss: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 # reference engine
 # ---------------------------------------------------------------------------------------------
-def unit_norms(g: dict[str, Tensor], spec: LayerSpec) -> tuple[dict[str, float], float]:
-    """(per-tensor L2 norms, total L2 norm) of one unit, in float64."""
-    layer = {n: math.sqrt(float(g[n].double().pow(2).sum())) for n in spec.names}
-    return layer, math.sqrt(sum(v * v for v in layer.values()))
-
-
-def clip_one(g: dict[str, Tensor], layer: dict[str, float], total: float, spec: LayerSpec,
-              c: float) -> tuple[dict[str, Tensor], bool]:
-    """One unit, written as plainly as possible (the ground truth for the vectorized math)."""
-    if spec.mode == "global":
-        if total > c:
-            return {n: g[n] * (c / total) for n in spec.names}, True
-        return dict(g), False
-    if spec.mode == "uniform":
-        if total < c:
-            return dict(g), False
-        target = c / math.sqrt(len(spec.names))
-        return {n: (g[n] / (layer[n] + UNIFORM_EPS) * target
-                    if layer[n] > UNIFORM_ZERO_RTOL * total else torch.zeros_like(g[n]))
-                for n in spec.names}, True
-    out, clipped = {}, False
-    for n, cl in zip(spec.names, spec.layer_bounds):
-        if layer[n] > cl:
-            out[n], clipped = g[n] * (cl / layer[n]), True
-        else:
-            out[n] = g[n]
-    return out, clipped
-
-
 @register_engine
 class ReferenceEngine(Engine):
     """One backward per unit; clipping in plain Python. The ground truth."""
@@ -272,8 +191,7 @@ class ReferenceEngine(Engine):
         spec = resolve_layers(policy, list(params))
         batches = _nonempty(batches)
         where = [(bi, r) for bi, b in enumerate(batches) for r in range(len(b))]
-        ids = [batches[bi].ids[r] for bi, r in where]
-        unit_of, _ = assign_groups(policy, ids, step)
+        unit_of, _ = batch_units(policy, batches, step)
         members: dict[int, list[tuple[int, int]]] = {}
         for w, u in zip(where, unit_of):
             members.setdefault(u, []).append(w)
@@ -285,22 +203,22 @@ class ReferenceEngine(Engine):
             loss_sum += float(losses.detach().sum())
             unit_grads.append(_grads(losses.mean(), params))
 
-        measured = [unit_norms(g, spec) for g in unit_grads]
-        norms = [total for _, total in measured]
-        if policy.bound == "adaptive_min":
-            c = min(norms) if norms else math.nan
-        else:
-            c = policy.clip_norm if clip_norm is None else clip_norm
+        # per-tensor norms in float64, one unit at a time; the factors of privasr.clipping.factors
+        layer = torch.tensor([[math.sqrt(float(g[n].double().pow(2).sum())) for n in spec.names]
+                              for g in unit_grads], dtype=torch.float64).reshape(-1, len(spec.names))
+        norms = layer.square().sum(1).sqrt()
+        adaptive = policy.bound == "adaptive_min"
+        c = policy.clip_norm if clip_norm is None else clip_norm
+        factors, flags = clip_factors(layer, spec, None if adaptive else c, adaptive)
+        if adaptive:
+            c, flags = adaptive_bound(norms, spec)
+            factors = factors * (c if norms.numel() else 0.0)
         total = {n: torch.zeros_like(p) for n, p in params.items()}
-        flags = []
-        for g, (layer, norm) in zip(unit_grads, measured):
-            cg, was = clip_one(g, layer, norm, spec, c)
-            flags.append(was)
-            for n in spec.names:
-                total[n] += cg[n]
-        bound = c if policy.bound == "adaptive_min" else spec.total_bound(c)
-        return ClipResult(total, torch.tensor(norms, dtype=torch.float64),
-                          torch.tensor(flags, dtype=torch.bool), float(bound), loss_sum, len(ids))
+        for g, f in zip(unit_grads, factors.tolist()):
+            for n, fl in zip(spec.names, f):
+                total[n] += g[n] * fl
+        bound = c if adaptive else spec.total_bound(c)
+        return ClipResult(total, norms, flags.to(torch.bool), float(bound), loss_sum, len(where))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,9 +369,6 @@ class _UnitClipper:
         self.sums = {n: torch.zeros_like(p) for n, p in params.items()}
         self.norms: list[Tensor] = []
         self.flags: list[Tensor] = []
-        if spec.mode == "layers":
-            ref = next(iter(params.values()), torch.zeros(()))
-            self.layer_c = torch.tensor(spec.layer_bounds, dtype=ref.dtype, device=ref.device)
 
     def add(self, g: dict[str, Tensor]) -> None:
         """Clip the stacked unit gradients ``g`` and add them to the sums."""
@@ -469,39 +384,18 @@ class _UnitClipper:
     def factors(self, sq: Tensor) -> Tensor:
         """(U, L) factors f with clip(g_u)_l = f_ul · g_ul, from the (U, L) squared per-tensor
         norms; records the units' norms and clipped flags. The caller adds Σ_u f_ul · g_ul."""
-        names = self.spec.names
-        total = sq.sum(1).sqrt()
-        self.norms.append(total.detach().double().cpu())
-        mode, c = self.spec.mode, self.c
-        root_l = math.sqrt(len(names))
-        if mode == "global":
-            if self.adaptive:
-                f = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-            else:
-                f = (c / total).clamp(max=1.0)          # total = 0 -> inf -> 1
-                self.flags.append((total > c).cpu())
-            return f[:, None].expand(-1, len(names))
-        if mode == "uniform":
-            layer = sq.sqrt()
-            rescale = torch.where(layer > UNIFORM_ZERO_RTOL * total[:, None],
-                                  1.0 / root_l / (layer + UNIFORM_EPS), torch.zeros_like(layer))
-            if self.adaptive:
-                return rescale
-            keep = total < c
-            self.flags.append((~keep).cpu())
-            return torch.where(keep[:, None], torch.ones_like(rescale), c * rescale)
         layer = sq.sqrt()
-        self.flags.append((layer > self.layer_c[None, :]).any(1).cpu())
-        return (self.layer_c[None, :] / layer).clamp(max=1.0)
+        self.norms.append(sq.sum(1).sqrt().detach().double().cpu())
+        f, flags = clip_factors(layer, self.spec, self.c, self.adaptive)
+        self.flags.append(flags.cpu())
+        return f
 
     def finish(self, loss_sum: float, examples: int) -> ClipResult:
         norms = torch.cat(self.norms) if self.norms else torch.zeros(0, dtype=torch.float64)
         if self.adaptive:
-            c = float(norms.min()) if norms.numel() else math.nan
+            bound, flags = adaptive_bound(norms, self.spec)
             for s in self.sums.values():
-                s.mul_(c if norms.numel() else 0.0)
-            flags = norms > c if self.spec.mode == "global" else torch.ones_like(norms, dtype=bool)
-            bound = c
+                s.mul_(bound if norms.numel() else 0.0)
         else:
             flags = torch.cat(self.flags) if self.flags else torch.zeros(norms.shape, dtype=bool)
             bound = self.spec.total_bound(self.c)
@@ -555,7 +449,7 @@ class VectorizedEngine(Engine):
             clipper.add({k: v[None] for k, v in mean.items()})
             return clipper.finish(loss_sum, n)
 
-        unit_of, groups = assign_groups(policy, [i for b in batches for i in b.ids], step)
+        unit_of, groups = batch_units(policy, batches, step)
         unit_of = torch.tensor(unit_of, dtype=torch.long)
         grouped = policy.unit != "example"
         if grouped:

@@ -1,5 +1,5 @@
 """Per-core clipping (PCC) and adaptive PCC (APCC) on ``torch.distributed``: unit = core, one rank
-per core (papers.md §2; paxml ``PercoreClippedDpSgdGradient``).
+per core (docs/per-core-clipping.md; paxml ``PercoreClippedDpSgdGradient``).
 
     g = ( Σ_k clip(g_k ; C, scope)  +  σ·C·ξ ) / K          g_k = rank k's local mean gradient
 
@@ -50,16 +50,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from privasr.clipping.engines import (UNIFORM_EPS, UNIFORM_ZERO_RTOL, LayerSpec, resolve_layers,
+from privasr.clipping.factors import (LayerSpec, adaptive_bound, clip_factors, resolve_layers,
                                       trainable_parameters)
 from privasr.clipping.noise import GaussianNoise
-from privasr.clipping.policy import ClipPolicy, assign_groups
+from privasr.clipping.policy import ClipPolicy, batch_units
+from privasr.clipping.release import Release, ReleaseOwner
 from privasr.errors import PolicyError
 from privasr.data.dataset import Batch
 from privasr.errors import NonFiniteLossError
 
-__all__ = ["FlatGrads", "PerCoreGradient", "SimulatedCores", "clip_factors", "select_rows",
-           "shard_batches"]
+__all__ = ["FlatGrads", "PerCoreGradient", "select_rows", "shard_batches"]
 
 LossFn = Any
 
@@ -103,41 +103,13 @@ class FlatGrads:
         return torch.stack(torch._foreach_norm(self.views))
 
 
-def clip_factors(layer: Tensor, spec: LayerSpec, c: float | None, adaptive: bool
-                 ) -> tuple[Tensor, bool]:
-    """Per-tensor scale factors that clip ONE unit with per-tensor norms ``layer`` (L,).
-
-    The same math as the engines' (``privasr.clipping.engines``): global g·min(1, C/‖g‖);
-    uniform rule: unchanged if ‖g‖ < C, else every tensor to C/√L; layer bounds: each tensor to
-    C_l. ``adaptive``: the factors for C = 1 (global 1/‖g‖, uniform 1/(√L(‖g_l‖+ε))), to be
-    multiplied by C_t once it is known. Returns (factors, whether the unit was clipped).
-    """
-    total = layer.square().sum().sqrt()
-    if spec.mode == "global":
-        if adaptive:
-            f = 1.0 / total if float(total) > 0 else torch.zeros_like(total)
-            return f.expand_as(layer), True
-        f = (c / total).clamp(max=1.0)                     # total = 0 -> inf -> 1
-        return f.expand_as(layer), bool(total > c)
-    if spec.mode == "uniform":
-        rescale = torch.where(layer > UNIFORM_ZERO_RTOL * total,
-                              1.0 / math.sqrt(layer.numel()) / (layer + UNIFORM_EPS),
-                              torch.zeros_like(layer))
-        if adaptive:
-            return rescale, True
-        if bool(total < c):
-            return torch.ones_like(layer), False
-        return c * rescale, True
-    bounds = torch.tensor(spec.layer_bounds, dtype=layer.dtype, device=layer.device)
-    return (bounds / layer).clamp(max=1.0), bool((layer > bounds).any())
-
-
 def select_rows(b: Batch, keep: list[int]) -> Batch:
     """Rows ``keep`` of ``b``, with the padding no kept example needs trimmed."""
     idx = torch.tensor(keep, dtype=torch.long)
     lens, tl = b.feat_lens[idx], b.target_lens[idx]
     t, s = int(lens.max()), max(1, int(tl.max()))
-    return Batch([b.ids[i] for i in keep], b.feats[idx, :t], lens, b.targets[idx, :s], tl)
+    return Batch([b.ids[i] for i in keep], b.feats[idx, :t], lens, b.targets[idx, :s], tl,
+                 b.speakers_of(keep))
 
 
 def shard_batches(batches: Sequence[Batch], mine: Callable[[int], bool]) -> list[Batch]:
@@ -152,12 +124,14 @@ def shard_batches(batches: Sequence[Batch], mine: Callable[[int], bool]) -> list
     return out
 
 
-class PerCoreGradient:
+class PerCoreGradient(ReleaseOwner):
     """PCC / APCC across the ranks of the default process group (one rank = one core).
 
     A drop-in for ``ClippedGradient`` (same ``policy``, ``fill_grads``, ``state_dict`` and stats
-    keys, plus ``norm_core{k}``): ``PrivateGradient`` wraps it for the ledger, and checkpoints
-    of the torchrun run and of its one-process simulation are interchangeable.
+    keys, ``norm_core{k}`` included): ``PrivateGradient`` wraps it for the ledger, and
+    checkpoints of the torchrun run and of its one-process simulation are interchangeable.
+    Noise, denominator, bound update and stats are the shared
+    :class:`~privasr.clipping.release.Release`'s.
     """
 
     def __init__(self, policy: ClipPolicy, *, generator: torch.Generator | None = None,
@@ -173,31 +147,20 @@ class PerCoreGradient:
             raise PolicyError(f"privacy.policy.num_cores={policy.num_cores} but torchrun started "
                               f"{self.world} processes: under torchrun each rank is one core "
                               "(leave num_cores out to use the world size)")
-        self.policy = policy
-        self.noise = GaussianNoise(generator=generator, secure=secure_noise)
-        self.clip_norm = policy.clip_norm
-        self.step = 0
+        self.release = Release(policy, GaussianNoise(generator=generator, secure=secure_noise))
         self._flat: FlatGrads | None = None
         self._spec: LayerSpec | None = None
-
-    # -- checkpoint state (the same keys as ClippedGradient) -----------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "clip_norm": self.clip_norm}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.clip_norm = state["clip_norm"]
 
     # -- sharding ------------------------------------------------------------------------------
     def local_batches(self, batches: Sequence[Batch]) -> list[Batch]:
         """This rank's share of the logical batch: the rows of virtual core ``rank``."""
-        unit_of, _ = assign_groups(self.policy, [i for b in batches for i in b.ids], self.step)
+        unit_of, _ = batch_units(self.policy, batches, self.release.step)
         return shard_batches(batches, lambda i: unit_of[i] == self.rank)
 
     # -- the step ------------------------------------------------------------------------------
     def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
                    ) -> dict[str, float]:
-        pol, k_cores, r = self.policy, self.world, self.rank
+        rel, pol, k_cores, r = self.release, self.policy, self.world, self.rank
         params = trainable_parameters(model)
         if self._flat is None:
             self._flat = FlatGrads(params, extra=3 * k_cores + 5)
@@ -217,27 +180,24 @@ class PerCoreGradient:
             flat.buf.zero_()
 
         adaptive = pol.bound == "adaptive_min"
-        c = None if adaptive else self.clip_norm
+        c = None if adaptive else rel.clip_norm
         layer = flat.layer_norms()
         norm = float(layer.square().sum().sqrt())
         was_clipped = False
         if n:
-            factors, was_clipped = clip_factors(layer, spec, c, adaptive)
-            factors = factors / k_cores
+            factors, flags = clip_factors(layer[None, :], spec, c, adaptive)
+            factors, was_clipped = factors[0] / k_cores, bool(flags[0])
             if spec.mode == "global":
                 flat.grad.mul_(factors[0])
             else:
                 torch._foreach_mul_(flat.views, list(factors.unbind()))
         bound = spec.total_bound(c) if not adaptive else math.nan
-        std = pol.noise_multiplier * bound if pol.noise_multiplier > 0 else 0.0
+        std = rel.noise_std(bound)
         count_noise = 0.0
         if r == 0:                              # the one noise draw of the step (see module doc)
-            if std > 0:
-                for v in flat.views:
-                    v.add_(self.noise.sample(v.shape, std, device=v.device, dtype=v.dtype)
-                           / k_cores)
-            if pol.bound == "quantile" and pol.quantile_noise_multiplier > 0:
-                count_noise = float(self.noise.sample((), pol.quantile_noise_multiplier))
+            for v, noised in zip(flat.views, rel.add_noise(flat.views, std, scale=1 / k_cores)):
+                v.copy_(noised)
+            count_noise = rel.count_noise()
         s = flat.slots
         s[r], s[k_cores + r], s[2 * k_cores + r] = norm, float(n > 0), float(was_clipped)
         s[3 * k_cores:] = torch.tensor([loss_sum, n, sum(b.audio_seconds for b in batches),
@@ -254,78 +214,13 @@ class PerCoreGradient:
             raise NonFiniteLossError([f"(on {int(n_bad)} other rank(s))"], [math.nan])
         live_norms = norms[live]
         if adaptive:
-            bound = float(live_norms.min()) if live_norms.numel() else math.nan
+            bound, flags = adaptive_bound(live_norms, spec)
             flat.grad.mul_(bound if live_norms.numel() else 0.0)
-            if spec.mode == "global":
-                clipped = norms > bound
-        if pol.bound == "quantile":             # Andrew et al.: every rank, the same update
-            frac = (float((live_norms <= bound).sum()) + count_noise) / k_cores
-            self.clip_norm = float(self.clip_norm * math.exp(-pol.quantile_lr
-                                                             * (frac - pol.target_quantile)))
-        self.step += 1
-
-        units = int(live.sum())
-        q = (torch.quantile(live_norms, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-             .tolist() if units else [math.nan] * 3)
-        return {
-            "loss": total_loss / examples if examples else math.nan,
-            "frac_clipped": float(clipped[live].double().mean()) if units else 0.0,
-            "norm_p10": q[0], "norm_p50": q[1], "norm_p90": q[2],
-            "bound": float(bound),
-            "units": float(units),
-            "examples": float(examples),
-            "noise_std": std / k_cores,
-            **{f"norm_core{k}": float(norms[k]) if live[k] else math.nan
-               for k in range(k_cores)},
-            "audio_seconds": audio,
-        }
-
-
-class SimulatedCores:
-    """Wraps a one-process ``ClippedGradient`` with ``unit=core`` so that its stats carry
-    ``norm_core{k}`` like ``PerCoreGradient``'s: the logs (and so a run's CSV columns) of the
-    K-core simulation and of the K-rank torchrun run are the same, and either resumes the other.
-    NaN marks a core that got no example this step."""
-
-    def __init__(self, clipped: Any) -> None:
-        if clipped.policy.unit != "core":
-            raise PolicyError(f"SimulatedCores needs unit='core' (got {clipped.policy.unit!r})")
-        self.clipped = clipped
-        self._engine, self._norms = clipped.engine, [math.nan] * clipped.policy.num_cores
-        clipped.engine = self          # ClippedGradient calls our clipped_sum
-
-    @property
-    def policy(self) -> ClipPolicy:
-        """The wrapped strategy's policy (the one its noise is drawn with)."""
-        return self.clipped.policy
-
-    @policy.setter
-    def policy(self, value: ClipPolicy) -> None:
-        self.clipped.policy = value
-
-    @property
-    def noise(self):
-        return self.clipped.noise
-
-    def clipped_sum(self, model, batches, loss_fn, policy, *, clip_norm=None, step=0):
-        res = self._engine.clipped_sum(model, batches, loss_fn, policy, clip_norm=clip_norm,
-                                       step=step)
-        unit_of, groups = assign_groups(policy, [i for b in batches for i in b.ids], step)
-        live = sorted(set(unit_of))     # every engine reports the live units in index order
-        if len(live) != res.units:
-            raise RuntimeError(f"engine reported {res.units} cores, the grouping {len(live)}")
-        self._norms = [math.nan] * groups
-        for k, n in zip(live, res.norms.tolist()):
-            self._norms[k] = float(n)
-        return res
-
-    def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
-                   ) -> dict[str, float]:
-        stats = self.clipped.fill_grads(model, batches, loss_fn)
-        return {**stats, **{f"norm_core{k}": n for k, n in enumerate(self._norms)}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.clipped.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clipped.load_state_dict(state)
+            clipped[live] = flags
+        denom = float(k_cores)
+        rel.update_bound(int((live_norms <= bound).sum()), int(live.sum()), count_noise, denom)
+        stats = rel.stats(live_norms, clipped[live], bound=bound, loss_sum=total_loss,
+                          examples=int(examples), denominator=denom, std=std)
+        rel.step += 1
+        return {**stats, **{f"norm_core{k}": float(norms[k]) if live[k] else math.nan
+                            for k in range(k_cores)}, "audio_seconds": audio}

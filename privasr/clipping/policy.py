@@ -1,4 +1,4 @@
-"""``ClipPolicy``: *what* is clipped, to which bound, with how much noise (DESIGN.md "One equation").
+"""``ClipPolicy``: *what* is clipped, to which bound, with how much noise (docs/one-equation.md).
 
     g = ( Σ_{u in units} clip(g_u ; C, scope)  +  σ·C·ξ ) / E[#units]        ξ ~ N(0, I)
 
@@ -9,8 +9,12 @@ Units
     ``batch``       the mean gradient of the whole logical batch (ordinary clipping), 1 unit.
     ``example``     each example's gradient (DP-SGD); E[#units] = q·N under Poisson sampling.
     ``microbatch``  the mean gradient of a group of ≈ m examples (micro-batch clipping, §5).
-    ``core``        a data-parallel worker's local mean gradient (PCC, §2). On one process this
+    ``core``        a data-parallel worker's local mean gradient (PCC). On one process this
                     *is* micro-batch clipping with ``num_cores`` = K groups (m ≈ B/K).
+    ``speaker``     the mean gradient of one speaker's utterances in the step (user-level DP in
+                    central training): speakers are Poisson-sampled with all their
+                    utterances, E[#units] = q·N_speakers, sensitivity C.
+    ``client``      one federated client's model delta (one speaker); the server's unit.
 
 Grouping (microbatch / core). The logical batch is split into G groups, G fixed per step:
     core:        G = num_cores.
@@ -57,11 +61,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from privasr.errors import PolicyError
+from privasr.privacy.accountant import PrivacyUnit
 
 __all__ = ["ClipPolicy", "PolicyError", "UNITS", "BOUNDS", "SCOPES", "GROUPINGS",
-           "assign_groups", "split_noise_multiplier"]
+           "assign_groups", "batch_units", "split_noise_multiplier"]
 
-UNITS = ("batch", "example", "microbatch", "core")
+UNITS = ("batch", "example", "microbatch", "core", "speaker", "client")
+# units whose sensitivity and count come from the privacy floor (batch has no DP meaning)
+DP_UNITS = {u.value: u for u in PrivacyUnit}
 BOUNDS = ("fixed", "adaptive_min", "quantile")
 SCOPES = ("global", "per_layer")
 GROUPINGS = ("hash", "contiguous")
@@ -167,6 +174,10 @@ class ClipPolicy:
                               "bound='fixed'")
                 object.__setattr__(self, "layer_bounds", dict(self.layer_bounds))
 
+        if self.unit == "client" and self.bound != "fixed":
+            raise bad(f"unit='client' with bound={self.bound!r}: the federated server keeps no "
+                      "bound state across rounds; use bound='fixed'")
+
         # unit-specific sizes
         if self.unit == "microbatch":
             m = self.microbatch_size
@@ -199,7 +210,7 @@ class ClipPolicy:
             derived = float(self.num_cores)
         elif ebs is None:
             derived = None
-        elif self.unit == "example":
+        elif self.unit in ("example", "speaker", "client"):
             derived = float(ebs)
         else:
             derived = float(math.ceil(ebs / self.microbatch_size - 1e-9))
@@ -215,6 +226,8 @@ class ClipPolicy:
                 why = {"batch": "unit='batch' has exactly 1 unit",
                        "core": f"unit='core' has num_cores={self.num_cores} units",
                        "example": f"expected_batch_size={ebs} examples are the units",
+                       "speaker": f"expected_batch_size={ebs} speakers are the units",
+                       "client": f"expected_batch_size={ebs} clients are the units",
                        "microbatch": f"ceil(expected_batch_size/microbatch_size) = {derived}"}
                 raise bad(f"expected_units={eu} contradicts {why[self.unit]}")
         elif derived is not None:
@@ -226,17 +239,17 @@ class ClipPolicy:
 
     # -- derived quantities -----------------------------------------------------------------
     @property
-    def is_grouped(self) -> bool:
-        return self.unit in ("microbatch", "core")
+    def privacy_unit(self) -> PrivacyUnit | None:
+        """What one ε of this policy protects (None for ``batch``, which gives no DP)."""
+        return DP_UNITS.get(self.unit)
 
     @property
     def sensitivity_factor(self) -> float:
-        """How far one example can move the clipped sum, in units of the total bound.
-
-        1 for ``example`` (add/remove one clipped gradient); 2 for groups (batch, micro-batch,
-        core): one example changes one group's mean, whose clipped value moves by up to 2C.
-        """
-        return 1.0 if self.unit == "example" else 2.0
+        """How far one protected entity can move the clipped sum, in units of the total bound:
+        ``PrivacyUnit.sensitivity_factor`` (1 for example / speaker / client, 2 for groups;
+        2 for ``batch`` too: one example changes the one batch mean)."""
+        unit = self.privacy_unit
+        return 2.0 if unit is None else unit.sensitivity_factor
 
     def accounting_noise_multiplier(self) -> float:
         """The noise multiplier one step costs, for a Gaussian-mechanism accountant.
@@ -254,27 +267,45 @@ class ClipPolicy:
             z = (z ** -2 + z_count ** -2) ** -0.5
         return z
 
+    def ledger_noise_multiplier(self) -> float:
+        """The σ the privacy ledger records for this policy: a single Gaussian query on the
+        clipped sum with sensitivity ``sensitivity_factor``·C whose cost is that of this
+        policy's step (gradient and, for the quantile bound, the count) -- i.e.
+        :meth:`accounting_noise_multiplier` × k. The ledger divides by k again."""
+        return self.accounting_noise_multiplier() * self.sensitivity_factor
+
+    def with_ledger_noise(self, sigma: float) -> "ClipPolicy":
+        """This policy with the noise multiplier whose :meth:`ledger_noise_multiplier` is
+        ``sigma`` (e.g. calibrated to a budget); for the quantile bound the count keeps its
+        σ_b and the gradient gets the rest (:func:`split_noise_multiplier`)."""
+        z = sigma / self.sensitivity_factor
+        if self.bound == "quantile":
+            z = split_noise_multiplier(z, self.quantile_noise_multiplier,
+                                       count_sensitivity=self.count_sensitivity)
+        return dataclasses.replace(self, noise_multiplier=z * self.sensitivity_factor)
+
     @property
     def count_sensitivity(self) -> float:
-        """L2 sensitivity of the quantile bound's released count (:meth:`quantile_count`).
+        """L2 sensitivity of the quantile bound's released count (:meth:`quantile_count`):
+        ``PrivacyUnit.count_sensitivity`` -- ½ for a centred count Σ(b_u − ½) of units that
+        are protected entities (example, speaker), 1 for groups (Σ b_u)."""
+        unit = self.privacy_unit
+        return 1.0 if unit is None else unit.count_sensitivity
 
-        ½ for example units: the count is centred, Σ(b_i − ½) with b_i = 1[‖g_i‖ ≤ C_t] (Andrew
-        et al. 2021; TF Privacy's QuantileEstimatorQuery), so adding or removing one example
-        moves it by exactly ½. 1 for group units: one example can flip its group's b (or make
-        an empty group appear), and the count is Σ b_u.
-        """
-        return 0.5 if self.unit == "example" else 1.0
+    @property
+    def _centred(self) -> bool:
+        return self.count_sensitivity == 0.5
 
     def quantile_count(self, unclipped: int, units: int) -> float:
         """The count released (before its noise) for a step with ``units`` realised units of
         which ``unclipped`` had norm ≤ C_t; its sensitivity is :attr:`count_sensitivity`."""
-        return unclipped - 0.5 * units if self.unit == "example" else float(unclipped)
+        return unclipped - 0.5 * units if self._centred else float(unclipped)
 
     def quantile_fraction(self, noised_count: float, denominator: float) -> float:
         """b̃_t, the estimate of the unclipped fraction, from the noised released count and the
         step's denominator (E[#units])."""
         frac = noised_count / float(denominator)
-        return frac + 0.5 if self.unit == "example" else frac
+        return frac + 0.5 if self._centred else frac
 
     def num_groups(self, realised_batch_size: int) -> int:
         """G, the number of groups a logical batch is split into (1 unit per group)."""
@@ -325,15 +356,24 @@ def _hash_group(seed: int, step: int, uid: str, groups: int) -> int:
     return int.from_bytes(h, "little") % groups
 
 
-def assign_groups(policy: ClipPolicy, ids: Sequence[str], step: int = 0) -> tuple[list[int], int]:
+def assign_groups(policy: ClipPolicy, ids: Sequence[str], step: int = 0,
+                  speakers: Sequence[str] | None = None) -> tuple[list[int], int]:
     """(unit index of each example of the logical batch, in order; number of unit slots G).
 
-    ``example``: every example is its own unit. ``batch``: one unit. ``microbatch``/``core``:
-    see the module docstring (hash of (group_seed, step, id) mod G, or contiguous runs).
+    ``example``: every example is its own unit. ``batch``: one unit. ``speaker``: one unit per
+    distinct speaker (``speakers``, one per example), in order of first appearance.
+    ``microbatch``/``core``: see the module docstring (hash of (group_seed, step, id) mod G, or
+    contiguous runs).
     """
     n = len(ids)
-    if policy.unit == "example":
+    if policy.unit in ("example", "client"):
         return list(range(n)), n
+    if policy.unit == "speaker":
+        if speakers is None or len(speakers) != n:
+            raise PolicyError("unit='speaker' needs the speaker of every example (Batch.speakers "
+                              "is unset: build batches with AsrDataset.collate)")
+        index: dict[str, int] = {}
+        return [index.setdefault(s, len(index)) for s in speakers], len(set(speakers))
     g = policy.num_groups(n)
     if policy.unit == "batch":
         return [0] * n, 1
@@ -345,3 +385,16 @@ def assign_groups(policy: ClipPolicy, ids: Sequence[str], step: int = 0) -> tupl
             out += [k] * (base + (k < extra))
         return out, g
     return [_hash_group(policy.group_seed, step, str(u), g) for u in ids], g
+
+
+def batch_units(policy: ClipPolicy, batches: Sequence[Any], step: int = 0
+                ) -> tuple[list[int], int]:
+    """:func:`assign_groups` over the examples of the physical ``batches`` (``.ids``,
+    ``.speakers``) of one logical batch, in order."""
+    ids = [i for b in batches for i in b.ids]
+    speakers = None
+    if policy.unit == "speaker":
+        speakers = [s for b in batches for s in (b.speakers or [None] * len(b))]
+        if any(s is None for s in speakers):
+            speakers = None
+    return assign_groups(policy, ids, step, speakers)

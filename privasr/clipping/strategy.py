@@ -25,9 +25,12 @@ Usage (a trainer's ``strategy=``)::
   (σ > 0) or zero; ``loss`` is reported as NaN.
 - Frozen parameters (requires_grad=False) are untouched: no gradient, no noise. ``p.grad`` of
   every trainable parameter is overwritten (not accumulated).
-- ``bound="quantile"``: the bound C_t lives here (``state_dict`` / ``load_state_dict`` for
-  checkpoints, with the step that salts the micro-batch grouping) and is updated after each
-  step from the noised count of unclipped units.
+- ``bound="quantile"``: the bound C_t lives in the :class:`~privasr.clipping.release.Release`
+  (``state_dict`` / ``load_state_dict`` for checkpoints, with the step that salts the
+  micro-batch grouping) and is updated after each step from the noised count of unclipped units.
+- ``unit="core"`` on one process is the K-core simulation: the stats gain ``norm_core{k}`` (NaN
+  for a core that got no example), the columns of the torchrun run (``PerCoreGradient``), so
+  either run resumes the other.
 """
 
 from __future__ import annotations
@@ -35,78 +38,56 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-from privasr.clipping.engines import Engine, LossFn, get_engine, trainable_parameters
+from privasr.clipping.engines import ClipResult, Engine, LossFn, get_engine
+from privasr.clipping.factors import trainable_parameters
 from privasr.clipping.noise import GaussianNoise
-from privasr.clipping.policy import ClipPolicy
+from privasr.clipping.policy import ClipPolicy, batch_units
+from privasr.clipping.release import Release, ReleaseOwner
 from privasr.data.dataset import Batch
 
 __all__ = ["ClippedGradient"]
 
 
-class ClippedGradient:
+class ClippedGradient(ReleaseOwner):
     """Clip each unit, sum, add one Gaussian draw, divide by E[#units]; fill ``p.grad``."""
 
     def __init__(self, policy: ClipPolicy, engine: str | Engine = "auto", *,
-                 generator: torch.Generator | None = None, secure_noise: bool = False,
-                 **engine_kwargs: Any) -> None:
+                 generator=None, secure_noise: bool = False, **engine_kwargs: Any) -> None:
         if not isinstance(policy, ClipPolicy):
             raise TypeError(f"policy must be a ClipPolicy (use ClipPolicy.from_dict for YAML), "
                             f"got {type(policy).__name__}")
-        self.policy = policy
         self.engine = get_engine(engine, **engine_kwargs) if isinstance(engine, str) else engine
-        self.noise = GaussianNoise(generator=generator, secure=secure_noise)
-        self.clip_norm = policy.clip_norm      # C_t: moves only with bound="quantile"
-        self.step = 0
-
-    # -- checkpoint state ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "clip_norm": self.clip_norm}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.clip_norm = state["clip_norm"]
+        self.release = Release(policy, GaussianNoise(generator=generator, secure=secure_noise))
 
     # -- the equation --------------------------------------------------------------------------
-    def denominator(self, realised_units: int) -> float:
-        if self.policy.expected_units is not None:
-            return float(self.policy.expected_units)
-        return float(max(realised_units, 1))      # σ = 0 only (the policy enforces it)
-
     def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
                    ) -> dict[str, float]:
-        pol = self.policy
-        res = self.engine.clipped_sum(model, batches, loss_fn, pol, clip_norm=self.clip_norm,
-                                      step=self.step)
-        denom = self.denominator(res.units)
-        std = pol.noise_multiplier * res.bound if pol.noise_multiplier > 0 else 0.0
-        for name, p in trainable_parameters(model).items():
-            g = res.grads[name]
-            if std > 0:
-                g = g + self.noise.sample(p.shape, std, device=p.device, dtype=g.dtype)
+        rel, pol = self.release, self.policy
+        res = self.engine.clipped_sum(model, batches, loss_fn, pol, clip_norm=rel.clip_norm,
+                                      step=rel.step)
+        denom = rel.denominator(res.units)
+        std = rel.noise_std(res.bound)
+        params = trainable_parameters(model)
+        noised = rel.add_noise([res.grads[n] for n in params], std)
+        for p, g in zip(params.values(), noised):
             p.grad = (g / denom).to(p.dtype)
+        rel.update_bound(res.unclipped, res.units, rel.count_noise(), denom)
+        stats = rel.stats(res.norms, res.clipped, bound=res.bound, loss_sum=res.loss_sum,
+                          examples=res.examples, denominator=denom, std=std)
+        if pol.unit == "core":
+            stats.update(self._core_norms(batches, res))
+        rel.step += 1
+        return stats
 
-        bound_used = res.bound
-        if pol.bound == "quantile":
-            count = pol.quantile_count(res.unclipped, res.units)
-            if pol.quantile_noise_multiplier > 0:
-                count += float(self.noise.sample((), pol.quantile_noise_multiplier))
-            frac = pol.quantile_fraction(count, denom)
-            self.clip_norm = float(self.clip_norm * math.exp(-pol.quantile_lr
-                                                             * (frac - pol.target_quantile)))
-        self.step += 1
-
-        norms = res.norms.double()
-        q = (torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-             if res.units else [math.nan] * 3)
-        return {
-            "loss": res.loss_sum / res.examples if res.examples else math.nan,
-            "frac_clipped": float(res.clipped.float().mean()) if res.units else 0.0,
-            "norm_p10": q[0], "norm_p50": q[1], "norm_p90": q[2],
-            "bound": float(bound_used),
-            "units": float(res.units),
-            "examples": float(res.examples),
-            "noise_std": std / denom,
-        }
+    def _core_norms(self, batches: Sequence[Batch], res: ClipResult) -> dict[str, float]:
+        """``norm_core{k}`` of the K virtual cores (NaN: no example this step)."""
+        unit_of, groups = batch_units(self.policy, batches, self.release.step)
+        live = sorted(set(unit_of))     # every engine reports the live units in index order
+        if len(live) != res.units:
+            raise RuntimeError(f"engine reported {res.units} cores, the grouping {len(live)}")
+        norms = [math.nan] * groups
+        for k, n in zip(live, res.norms.tolist()):
+            norms[k] = float(n)
+        return {f"norm_core{k}": n for k, n in enumerate(norms)}

@@ -63,13 +63,18 @@ class Batch:
     feat_lens: torch.Tensor
     targets: torch.Tensor
     target_lens: torch.Tensor
+    speakers: list[str] | None = None   # one per row (what unit=speaker groups by)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, self.feats.to(device), self.feat_lens.to(device),
-                     self.targets.to(device), self.target_lens.to(device))
+                     self.targets.to(device), self.target_lens.to(device), self.speakers)
+
+    def speakers_of(self, rows: Sequence[int]) -> list[str] | None:
+        """The speakers of ``rows`` (None when the batch carries none)."""
+        return None if self.speakers is None else [self.speakers[i] for i in rows]
 
     @property
     def audio_seconds(self) -> float:
@@ -120,6 +125,14 @@ class AsrDataset:
             groups.setdefault(self.source_of.get(u.id, u.id), []).append(i)
         return list(groups.values())
 
+    def speaker_units(self) -> list[list[int]]:
+        """Indices grouped by speaker (the units of speaker-level DP), in order of first
+        appearance; a speaker's derived copies are among its utterances."""
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(self.utts):
+            groups.setdefault(u.speaker, []).append(i)
+        return list(groups.values())
+
     @property
     def durations(self) -> list[float]:
         return [f.shape[0] * 0.01 for f in self.feats]
@@ -135,7 +148,8 @@ class AsrDataset:
             y[b, : len(t)] = t
         return Batch([self.utts[i].id for i in indices], x,
                      torch.tensor([f.shape[0] for f in feats]), y,
-                     torch.tensor([len(t) for t in tg]))
+                     torch.tensor([len(t) for t in tg]),
+                     [self.utts[i].speaker for i in indices])
 
 
 class DurationBucketSampler:

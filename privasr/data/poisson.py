@@ -10,6 +10,9 @@ A unit is usually one utterance. When the training set holds derived copies of a
 sampled unit contributes one of its versions, chosen uniformly at random, so one utterance still
 moves one clipped gradient -- sensitivity C -- and N counts utterances, not copies.
 
+With ``whole_units`` a sampled unit contributes ALL of its members: speaker-level DP samples
+speakers, and each sampled speaker brings every one of its utterances (one clipped unit).
+
 A logical batch is split into physical batches of at most ``max_physical`` examples, so memory
 stays bounded however large the draw (Opacus' BatchMemoryManager idea); the gradient strategy
 sees all physical batches of a step and adds noise once. A draw may be empty.
@@ -27,7 +30,8 @@ from privasr.privacy.randomness import RandomSource, SeededRandomness
 class PoissonSampler:
     def __init__(self, n: int, *, expected_batch_size: float, max_physical: int,
                  seed: int = 0, source: RandomSource | None = None,
-                 members: Sequence[Sequence[int]] | None = None) -> None:
+                 members: Sequence[Sequence[int]] | None = None,
+                 whole_units: bool = False) -> None:
         if members is not None:
             members = [list(m) for m in members]
             if len(members) != n or any(not m for m in members):
@@ -42,17 +46,22 @@ class PoissonSampler:
         self.n, self.expected_batch_size = n, float(expected_batch_size)
         self.max_physical = max_physical
         self.source: RandomSource = source if source is not None else SeededRandomness(seed)
-        self.members = members
+        if whole_units and members is None:
+            raise ValueError("whole_units needs members (the indices of each unit)")
+        self.members, self.whole_units = members, whole_units
 
     @property
     def sample_rate(self) -> float:
         return self.expected_batch_size / self.n
 
     def draw(self, step: int) -> list[int]:
-        """Dataset indices of step ``step``: one per sampled unit."""
+        """Dataset indices of step ``step``: one per sampled unit (all its members with
+        ``whole_units``)."""
         units = np.flatnonzero(self.source.uniforms("poisson", step, self.n) < self.sample_rate)
         if self.members is None:
             return units.tolist()
+        if self.whole_units:
+            return [i for u in units for i in self.members[u]]
         pick = self.source.uniforms("version", step, len(units))
         return [self.members[u][int(p * len(self.members[u]))] for u, p in zip(units, pick)]
 

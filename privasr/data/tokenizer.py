@@ -24,10 +24,6 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.symbols)
 
-    @property
-    def blank_id(self) -> int:
-        return 0
-
     def encode(self, text: str, *, where: str = "") -> list[int]:
         try:
             return [self._index[c] for c in text]

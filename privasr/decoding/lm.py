@@ -288,9 +288,6 @@ class WordNgramLM:
         lines += ["", "\\end\\", ""]
         return "\n".join(lines)
 
-    def save_arpa(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, self.to_arpa())
-
     def __repr__(self) -> str:
         sizes = ", ".join(str(len(t)) for t in self._counts)
         return f"WordNgramLM(order={self.order}, vocab={len(self._vocab)}, ngrams=[{sizes}])"

@@ -1,4 +1,4 @@
-"""Federated learning with user-level DP on Flower (papers.md §4): clients are speakers.
+"""Federated learning with user-level DP on Flower (docs/federated.md): clients are speakers.
 
     config.py      the ``privasr fl`` recipe (FLConfig)
     clip.py        clip one client delta: global, per-layer bounds, or the "uniform" rule

@@ -4,7 +4,7 @@ Unit ``client`` of :mod:`privasr.privacy.accountant`: a client is one speaker ho
 speaker's data, so adding or removing a speaker moves the clipped sum by at most C (k = 1), and
 the sampling rate is q = E[cohort] / N. The ε printed each round is per speaker.
 
-Extrapolation (papers.md §4): real populations are millions of users, and what fixes the model
+Extrapolation (docs/federated.md): real populations are millions of users, and what fixes the model
 quality is the noise on the *average* update, σ·C / E[cohort]. Keeping that fixed while the
 cohort grows from K to K' means σ' = σ·K'/K; with population P the rate is q' = K'/P. The table
 gives ε(σ', q', rounds, δ) for each (P, K'), the ε "the same noise on the average would give".

@@ -3,7 +3,8 @@
 The Trainer (``privasr.train.trainer``) runs ``local.epochs`` passes over the speaker's data
 (duration-bucketed batches, per-step global-norm clipping at ``local.max_grad_norm``) starting
 from the server model; the client returns Δ = θ_local − θ_server of the trainable tensors.
-Local SGD (the paper's client optimizer) replaces the Trainer's AdamW before ``fit``.
+The local optimizer is the recipe's ``local.optimizer`` (SGD, the paper's client optimizer, or
+AdamW) at a constant ``local.lr``, built by the Trainer from the local TrainConfig.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from privasr.data.tokenizer import CharTokenizer
 from privasr.federated.config import FLConfig, local_train_config
 from privasr.models.build import build_model
 from privasr.data.splits import load_split, manifest_paths
-from privasr.train.schedule import warmup_cosine
 from privasr.train.trainer import BucketPlan, Trainer
 
 __all__ = ["speakers_of", "speaker_dataset", "local_update", "LocalResult", "warm_feature_cache"]
@@ -89,13 +89,7 @@ def local_update(cfg: FLConfig, server_state: Mapping[str, Tensor], speaker: str
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="privasr-client-") as tmp:
         tcfg = local_train_config(cfg, out_dir=tmp, steps=steps, seed=seed)
-        trainer = Trainer(tcfg, model, ds, None, vocab, plan=BucketPlan(sampler))
-        if cfg.local.optimizer == "sgd":
-            trainer.optimizer = torch.optim.SGD(
-                [p for p in model.parameters() if p.requires_grad], lr=cfg.local.lr)
-            trainer.scheduler = warmup_cosine(trainer.optimizer, warmup_steps=0,
-                                              max_steps=steps, min_lr_ratio=1.0)
-        res = trainer.fit()
+        res = Trainer(tcfg, model, ds, None, vocab, plan=BucketPlan(sampler)).fit()
     delta = {n: (p.detach().cpu() - start[n].cpu()) for n, p in model.named_parameters()
              if n in start}
     return LocalResult(delta, res.steps, len(ds), res.final_train_loss)

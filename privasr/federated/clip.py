@@ -1,36 +1,48 @@
 """Clip one client's model delta: the unit of federated DP is a client (one speaker).
 
-The per-tensor math is the engines' (``privasr.clipping.engines``): the same ``LayerSpec``
-(global / per-layer bounds / "uniform" rule) and the same ``clip_one``, so a delta is clipped
-exactly like a per-example gradient would be. The scope is validated by ``ClipPolicy``; its
-unit is ``batch`` there (one whole delta is one unit), noise and denominator are the server's.
+The recipe's ``dp.policy`` is a ``ClipPolicy`` section like ``privacy.policy`` of ``privasr
+train`` (unit ``client``; scope, bounds, per-layer rules are the same keys), so a delta is
+clipped by the same factors (``privasr.clipping.factors``) as a per-example gradient. Noise and
+denominator are the server's, from the same policy (``privasr.clipping.release``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from privasr.clipping.engines import LayerSpec, clip_one, unit_norms, resolve_layers
+from privasr.clipping.factors import LayerSpec, clip_factors, resolve_layers
 from privasr.clipping.policy import ClipPolicy
+from privasr.errors import PolicyError
 
-__all__ = ["DeltaClipper", "ClippedDelta", "clip_policy"]
+__all__ = ["DeltaClipper", "ClippedDelta", "client_policy", "policy_label"]
 
 
-def clip_policy(clipping: str, clip_norm: float | None,
-                layer_bounds: Mapping[str, float] | None) -> ClipPolicy:
-    """The ClipPolicy (scope and bounds) of a ``dp.clipping`` choice."""
-    if clipping == "global":
-        return ClipPolicy(unit="batch", clip_norm=clip_norm, scope="global")
-    if clipping == "per_layer_uniform":
-        return ClipPolicy(unit="batch", clip_norm=clip_norm, scope="per_layer",
-                          per_layer_rule="uniform")
-    if clipping == "per_layer":
-        return ClipPolicy(unit="batch", clip_norm=None, scope="per_layer",
-                          layer_bounds=dict(layer_bounds or {}))
-    raise ValueError(f"clipping={clipping!r}; valid: global, per_layer, per_layer_uniform")
+def client_policy(fields: Mapping[str, Any], *, noise_multiplier: float = 0.0,
+                  expected_cohort: float | None = None) -> ClipPolicy:
+    """The server's ClipPolicy: the recipe's ``dp.policy`` with unit=client, the round's σ and
+    the expected cohort as the denominator."""
+    d = {"unit": "client", **dict(fields)}
+    if d["unit"] != "client":
+        raise PolicyError(f"dp.policy.unit={d['unit']!r}: in federated training the unit is the "
+                          "client (one speaker's model delta); for speaker-level DP without FL "
+                          "use `privasr train` with privacy.policy.unit=speaker")
+    for key in ("noise_multiplier", "expected_units", "expected_batch_size"):
+        if key in d:
+            raise PolicyError(f"dp.policy.{key}: set by the server (dp.noise_multiplier or "
+                              "dp.target_epsilon; server.cohort_size), not in the policy")
+    return ClipPolicy.from_dict({**d, "noise_multiplier": float(noise_multiplier),
+                                 "expected_units": expected_cohort})
+
+
+def policy_label(policy: ClipPolicy) -> str:
+    """A short name of the clipping: global | per_layer_uniform | per_layer."""
+    if policy.scope == "global":
+        return "global"
+    return "per_layer_uniform" if policy.per_layer_rule == "uniform" else "per_layer"
 
 
 @dataclass
@@ -46,7 +58,7 @@ class DeltaClipper:
     def __init__(self, policy: ClipPolicy, names: Sequence[str]) -> None:
         self.policy = policy
         self.spec: LayerSpec = resolve_layers(policy, list(names))
-        self.bound = self.spec.total_bound(policy.clip_norm or 0.0)
+        self.bound = self.spec.total_bound(policy.clip_norm)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -56,7 +68,7 @@ class DeltaClipper:
         missing = [n for n in self.spec.names if n not in delta]
         if missing:
             raise ValueError(f"client delta lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-        g = {n: delta[n] for n in self.spec.names}
-        layer, total = unit_norms(g, self.spec)
-        out, clipped = clip_one(g, layer, total, self.spec, self.policy.clip_norm)
-        return ClippedDelta(out, total, clipped)
+        layer = torch.stack([delta[n].double().norm() for n in self.spec.names])[None, :]
+        factors, clipped = clip_factors(layer, self.spec, self.policy.clip_norm)
+        out = {n: delta[n] * float(f) for n, f in zip(self.spec.names, factors[0])}
+        return ClippedDelta(out, float(layer.square().sum().sqrt()), bool(clipped[0]))

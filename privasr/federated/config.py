@@ -7,12 +7,12 @@ from pathlib import Path
 
 from privasr.config import (AugmentConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig,
                             TrainConfig, load_config)
-from privasr.errors import ConfigError
+from privasr.errors import ConfigError, PolicyError
+from privasr.federated.clip import client_policy
 
 __all__ = ["LocalConfig", "ServerConfig", "DPConfig", "SimulationConfig", "FLConfig",
-           "load_fl_config", "local_train_config", "CLIPPINGS", "SERVER_OPTIMIZERS"]
+           "load_fl_config", "local_train_config", "SERVER_OPTIMIZERS"]
 
-CLIPPINGS = ("global", "per_layer", "per_layer_uniform")
 SERVER_OPTIMIZERS = ("fedavg", "adam", "lamb")
 
 
@@ -47,9 +47,10 @@ class ServerConfig:
 class DPConfig:
     """Clipping of client deltas and the Gaussian noise on their sum (user-level DP)."""
 
-    clipping: str = "global"   # global | per_layer | per_layer_uniform
-    clip_norm: float | None = 1.0   # C (global, per_layer_uniform)
-    layer_bounds: dict = field(default_factory=dict)  # per_layer: {param-name pattern: C_l}
+    # the ClipPolicy of a client delta (privasr.clipping.policy; the same keys as
+    # privasr train's privacy.policy): unit client; scope global, or per_layer with
+    # per_layer_rule=uniform (ml-pfl4asr) or layer_bounds {pattern: C_l}; bound fixed
+    policy: dict = field(default_factory=lambda: {"unit": "client", "clip_norm": 1.0})
     noise_multiplier: float | None = None  # σ; None: calibrated to target_epsilon
     target_epsilon: float | None = None    # None with noise_multiplier None: σ = 0 (no DP)
     delta: float | None = None             # default min(1e-5, N^-1.1) (N = client speakers)
@@ -90,8 +91,10 @@ class FLConfig:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"fl recipe: {msg}")
 
-        if self.dp.clipping not in CLIPPINGS:
-            raise bad(f"dp.clipping={self.dp.clipping!r}; valid: {', '.join(CLIPPINGS)}")
+        try:
+            client_policy(self.dp.policy)
+        except PolicyError as e:
+            raise bad(f"dp.policy: {e}") from None
         if self.server.optimizer not in SERVER_OPTIMIZERS:
             raise bad(f"server.optimizer={self.server.optimizer!r}; valid: "
                       f"{', '.join(SERVER_OPTIMIZERS)}")
@@ -109,11 +112,6 @@ class FLConfig:
             raise bad(f"dp.randomness={self.dp.randomness!r}; valid: secret, seeded")
         if self.server.round_timeout < 0:
             raise bad("server.round_timeout must be >= 0 (0: no timeout)")
-        if self.dp.clipping == "per_layer" and not self.dp.layer_bounds:
-            raise bad("dp.clipping=per_layer needs dp.layer_bounds {param-name pattern: C_l} "
-                      "(or use per_layer_uniform with dp.clip_norm)")
-        if self.dp.clipping != "per_layer" and self.dp.layer_bounds:
-            raise bad("dp.layer_bounds is only used with dp.clipping=per_layer")
         if (self.dp.noise_multiplier is not None and self.dp.target_epsilon is not None):
             raise bad("give dp.noise_multiplier or dp.target_epsilon (σ is calibrated to it), "
                       "not both")
@@ -134,8 +132,8 @@ def local_train_config(cfg: FLConfig, *, out_dir: str, steps: int, seed: int) ->
     return TrainConfig(
         out_dir=out_dir, seed=seed, device=cfg.device, threads=cfg.threads, data=cfg.data,
         model=cfg.model,
-        optim=OptimConfig(lr=loc.lr, weight_decay=0.0, warmup_steps=0, max_steps=steps,
-                          min_lr_ratio=1.0, max_grad_norm=loc.max_grad_norm),
+        optim=OptimConfig(name=loc.optimizer, lr=loc.lr, weight_decay=0.0, warmup_steps=0,
+                          max_steps=steps, min_lr_ratio=1.0, max_grad_norm=loc.max_grad_norm),
         batch=BatchConfig(max_seconds=loc.max_seconds, max_utts=loc.max_utts),
         augment=AugmentConfig(specaugment=loc.specaugment),
         eval_every=10**9, ckpt_every=10**9, log_every=10**9, progress=False)

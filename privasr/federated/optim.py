@@ -2,7 +2,7 @@
 
 ``fedavg``  θ ← θ + lr·Δ̄ (SGD on g; lr = 1 is plain FedAvg).
 ``adam``    FedAdam (Reddi et al. 2021): Adam on g.
-``lamb``    LAMB (You et al. 2020), the layer-wise normalising optimizer of papers.md §4: the Adam
+``lamb``    LAMB (You et al. 2020), the layer-wise normalising optimizer of docs/federated.md: the Adam
             direction u_l = m̂_l/(√v̂_l + ε) + λ·θ_l of each tensor l is rescaled by the trust
             ratio ‖θ_l‖/‖u_l‖, so every layer moves by lr·‖θ_l‖ whatever the scale of its
             (clipped, noised) update.

@@ -23,13 +23,14 @@ import torch
 from torch import Tensor
 
 from privasr.clipping.noise import GaussianNoise
+from privasr.clipping.release import Release
 from privasr.config import to_dict
 from privasr.data.manifest import SkipReport
 from privasr.data.tokenizer import CharTokenizer
 from privasr.federated.accounting import build_ledger, extrapolation_table
 from privasr.federated.aggregate import aggregate
 from privasr.federated.client import speakers_of
-from privasr.federated.clip import DeltaClipper, clip_policy
+from privasr.federated.clip import DeltaClipper, client_policy, policy_label
 from privasr.federated.cohort import sample_cohort, sample_rate
 from privasr.federated.config import FLConfig, local_train_config
 from privasr.federated.optim import apply_update, build_server_optimizer
@@ -92,8 +93,6 @@ class FLServer:
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.shapes = {n: p.shape for n, p in params.items()}
         d = cfg.dp
-        self.clipper = DeltaClipper(clip_policy(d.clipping, d.clip_norm, d.layer_bounds),
-                                    list(params))
         self.optimizer = build_server_optimizer(s.optimizer, list(params.values()), lr=s.lr,
                                                 betas=s.betas, eps=s.eps,
                                                 weight_decay=s.weight_decay)
@@ -102,6 +101,10 @@ class FLServer:
             noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon,
             delta=self.delta, rounds=s.rounds, sample_rate=self.q, method=d.accounting)
         self.noise_multiplier = self.ledger.noise_multiplier if self.ledger else 0.0
+        # the recipe's dp.policy, unit = client: the same ClipPolicy as privasr train's
+        self.policy = client_policy(d.policy, noise_multiplier=self.noise_multiplier,
+                                    expected_cohort=self.expected_cohort)
+        self.clipper = DeltaClipper(self.policy, list(params))
         # secret cohorts and noise whenever σ > 0 (the key lives in memory only)
         self.secret = self.ledger is not None and d.randomness == "secret"
         self.source = SecretRandomness() if self.secret else None
@@ -145,10 +148,8 @@ class FLServer:
             _noise_seed(self.cfg.seed, self.round))
         if self.ledger is not None:   # the ledger records the σ and q this round applies
             self.ledger.set_params(noise_multiplier=self.noise_multiplier, sample_rate=self.q)
-        agg = aggregate(usable, self.clipper, noise_multiplier=self.noise_multiplier,
-                        expected_cohort=self.expected_cohort,
-                        noise=GaussianNoise(generator=gen, secure=self.secret),
-                        shapes=self.shapes)
+        release = Release(self.policy, GaussianNoise(generator=gen, secure=self.secret))
+        agg = aggregate(usable, self.clipper, release, self.shapes)
         apply_update(self.model, self.optimizer, agg.update)
         if self.ledger is not None:
             self.ledger.record_step()
@@ -218,11 +219,12 @@ class FLServer:
 
     # -- results ---------------------------------------------------------------------------
     def describe(self) -> str:
-        d, s = self.cfg.dp, self.cfg.server
+        s = self.cfg.server
         priv = (self.ledger.summary() if self.ledger else
                 "σ = 0: clipping only, no DP guarantee")
         return (f"FL: {self.population} client speakers, E[cohort] = {self.expected_cohort:g} "
-                f"({s.sampling}, q = {self.q:.4g}), {s.rounds} rounds, clipping {d.clipping} "
+                f"({s.sampling}, q = {self.q:.4g}), {s.rounds} rounds, clipping "
+                f"{policy_label(self.policy)} "
                 f"(total bound C = {self.clipper.bound:.4g}), σ = {self.noise_multiplier:.4g}, "
                 f"server {s.optimizer} lr {s.lr:g}; model {self.cfg.model.size} "
                 f"{count_parameters(self.model):,} parameters; privacy: {priv}")
@@ -232,7 +234,8 @@ class FLServer:
         eps = self.epsilon()
         secs = [r["round_seconds"] for r in self.history if math.isfinite(r["round_seconds"])]
         out = {
-            "clipping": cfg.dp.clipping, "server_optimizer": cfg.server.optimizer,
+            "clipping": policy_label(self.policy), "clip_policy": self.policy.to_dict(),
+            "server_optimizer": cfg.server.optimizer,
             "epsilon": eps if math.isfinite(eps) else "inf", "delta": self.delta,
             "privacy_unit": "speaker (user-level, one client = one speaker)",
             "noise_multiplier": self.noise_multiplier, "clip_bound": self.clipper.bound,

@@ -1,7 +1,7 @@
 """Differential-privacy accounting: the accountant of record (dp-accounting) and the run ledger."""
 
 from privasr.privacy.accountant import (DEFAULT_PLD_DISCRETIZATION, METHODS, PrivacyUnit,
-                                        calibrate, default_sensitivity_factor, epsilon,
+                                        calibrate, epsilon,
                                         epsilon_for_segments, max_steps)
 from privasr.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 
@@ -12,7 +12,6 @@ __all__ = [
     "PrivacyLedger",
     "PrivacyUnit",
     "calibrate",
-    "default_sensitivity_factor",
     "epsilon",
     "epsilon_for_segments",
     "max_steps",

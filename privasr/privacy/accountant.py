@@ -47,7 +47,7 @@ distributions is dominated by N(0, σ²C²) vs N(2C, σ²C²), and Poisson subsa
 domination (Zhu, Dong & Wang 2022, "Optimal accounting of differential privacy via characteristic
 function", dominating pairs of subsampled mechanisms; Mironov, Talwar & Zhang 2019 for RDP), so
 the usual subsampled-Gaussian accounting applies with σ/2. With m = 1 a micro-batch is one
-example and k = 1 (see :func:`default_sensitivity_factor`). If instead the micro-batches were cut
+example and k = 1 (``PrivacyUnit.sensitivity_factor``). If instead the micro-batches were cut
 by *position* in a shuffled batch, one added example shifts every later boundary and can change
 every unit: the sensitivity is then not bounded by 2C and this accounting does not apply.
 
@@ -79,7 +79,6 @@ __all__ = [
     "PrivacyUnit",
     "calibrate",
     "default_delta",
-    "default_sensitivity_factor",
     "epsilon",
     "epsilon_for_segments",
     "max_steps",
@@ -98,17 +97,22 @@ MAX_STEPS_CAP = 10**8
 
 
 class PrivacyUnit(enum.StrEnum):
-    """What is clipped, and so what one ε protects (see the module docstring's table)."""
+    """What is clipped, and so what one ε protects (see the module docstring's table).
+
+    The one definition of each unit's sensitivities (docs/units-and-sensitivity.md): the
+    clipping policy, the ledger and the accountant all read them from here.
+    """
 
     EXAMPLE = "example"
     MICROBATCH = "microbatch"
     CORE = "core"
+    SPEAKER = "speaker"
     CLIENT = "client"
 
     @property
     def protects(self) -> str:
         """The entity whose presence the guarantee hides: 'example' or 'speaker'."""
-        return "speaker" if self is PrivacyUnit.CLIENT else "example"
+        return "speaker" if self in (PrivacyUnit.CLIENT, PrivacyUnit.SPEAKER) else "example"
 
     @property
     def description(self) -> str:
@@ -116,12 +120,24 @@ class PrivacyUnit(enum.StrEnum):
             PrivacyUnit.EXAMPLE: "(ε, δ)-DP per example (per-example clipping)",
             PrivacyUnit.MICROBATCH: "(ε, δ)-DP per example (micro-batch clipping, fixed groups)",
             PrivacyUnit.CORE: "(ε, δ)-DP per example (per-core clipping, fixed shards)",
+            PrivacyUnit.SPEAKER: "(ε, δ)-DP per speaker (user-level, speaker-level clipping)",
             PrivacyUnit.CLIENT: "(ε, δ)-DP per speaker (user-level, one client = one speaker)",
         }[self]
 
     @property
-    def default_sensitivity_factor(self) -> float:
-        return default_sensitivity_factor(self)
+    def sensitivity_factor(self) -> float:
+        """k: how far adding or removing one protected entity moves the clipped sum, in units
+        of the total bound C. 1 when the entity is one unit (example, speaker, client); 2 when
+        it is one example inside a fixed group (micro-batch, core): the group's clipped mean
+        moves from one point of the C-ball to another."""
+        return 2.0 if self in (PrivacyUnit.MICROBATCH, PrivacyUnit.CORE) else 1.0
+
+    @property
+    def count_sensitivity(self) -> float:
+        """L2 sensitivity of the quantile bound's released count: ½ when the entity is one
+        unit (the count is centred, Σ(b_u − ½), Andrew et al. 2021), 1 for fixed groups (one
+        example can flip its group's b or make an empty group appear; the count is Σ b_u)."""
+        return 1.0 if self in (PrivacyUnit.MICROBATCH, PrivacyUnit.CORE) else 0.5
 
 
 def default_delta(population: int) -> float:
@@ -143,20 +159,6 @@ def check_unit(unit: str | PrivacyUnit) -> PrivacyUnit:
     except ValueError:
         raise ValueError(f"unit must be one of {[u.value for u in PrivacyUnit]}, "
                          f"got {unit!r}") from None
-
-
-def default_sensitivity_factor(unit: str | PrivacyUnit, group_size: int | None = None) -> float:
-    """k for a unit: 1 for ``example`` and ``client``, 2 for ``microbatch``/``core`` (m > 1).
-
-    ``group_size`` (examples per micro-batch or per core) of 1 gives k = 1: the unit is then a
-    single example.
-    """
-    unit = check_unit(unit)
-    if unit in (PrivacyUnit.EXAMPLE, PrivacyUnit.CLIENT):
-        return 1.0
-    if group_size is not None and int(group_size) == 1:
-        return 1.0
-    return 2.0
 
 
 # --------------------------------------------------------------------------- validation

@@ -39,7 +39,7 @@ from typing import Any
 from privasr.errors import StopTraining
 from privasr.privacy.accountant import (MAX_STEPS_CAP, PrivacyUnit, check_delta, check_factor,
                                         check_method, check_q, check_sigma, check_steps,
-                                        check_unit, default_sensitivity_factor,
+                                        check_unit,
                                         epsilon_for_segments, max_steps)
 
 __all__ = ["PrivacyBudgetExceeded", "PrivacyLedger", "LedgerMismatch", "resume_ledger"]
@@ -106,7 +106,7 @@ class PrivacyLedger:
         self.sample_rate = check_q(self.sample_rate, allow_zero=False)
         self.delta = check_delta(self.delta)
         self.method = check_method(self.method)
-        default_k = default_sensitivity_factor(self.unit)
+        default_k = self.unit.sensitivity_factor
         if self.sensitivity_factor is None:
             self.sensitivity_factor = default_k
         self.sensitivity_factor = check_factor(self.sensitivity_factor)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from privasr.atomic import atomic_write_text
 from privasr.config import load_config
+from privasr.paths import recipe_path
 from privasr.report.html import write_report
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 QUICK = ["out_dir=runs/demo-quick", "data.corpus_dir=data/synth-quick", "data.synth_hours=0.3",
          "data.synth_speakers=120", "data.max_dev_utts=40", "model.size=tiny",
          "optim.max_steps=150", "optim.warmup_steps=30", "eval_every=50", "ckpt_every=50"]
@@ -61,7 +61,7 @@ def run_demo(quick: bool = False, overrides: list[str] = (), log=print) -> dict:
     from privasr.recipes.train import run_training
 
     t0 = time.time()
-    cfg = load_config(CONFIG_DIR / "demo.yaml", (QUICK if quick else []) + list(overrides))
+    cfg = load_config(recipe_path("demo"), (QUICK if quick else []) + list(overrides))
     res = run_training(cfg, log=log)
     log("decoding the test set with beam search + word LM ...")
     lm = decode_test_with_lm(cfg, log=log)

@@ -1,9 +1,12 @@
-"""The DP-PEFT experiment (issue 8, papers.md §3): WER on the private test speakers for
+"""The DP-PEFT experiment (issue 8, docs/peft.md): WER on the private test speakers for
 {zero-shot pre-trained, non-private full FT, DP full FT, DP BitFit, DP LoRA, DP adapters}
 × ε ∈ {1, 3, 10} at δ = min(1e-5, N^-1.1).
 
-    privasr dp-peft configs/dp_peft.yaml [device=cuda] [finetune_steps=300] [key=value ...]
-    python -m privasr.recipes.dp_peft configs/dp_peft.yaml device=cuda
+    privasr dp-peft [RECIPE.yaml] [key=value ...]      # default: configs/dp_peft.yaml
+    privasr dp-peft dp_peft device=cuda finetune_steps=300
+
+The recipe and its key=value overrides are ``DpPeftConfig``'s fields, read once by
+``privasr.config.load_config`` (the same machinery as ``privasr train``).
 
 Every run is an ordinary ``privasr train`` run (``configs/pretrain.yaml`` once, then
 ``configs/dp_finetune.yaml`` with ``init=<pretrain>/last.pt peft=METHOD``) in its own folder
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from privasr.errors import ConfigError
 from privasr.config import load_config, to_dict
 from privasr.config import METHODS
 
-__all__ = ["DpPeftConfig", "run_experiment", "main"]
+__all__ = ["DpPeftConfig", "run_experiment", "run_recipe"]
 
 
 @dataclass
@@ -214,15 +216,11 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = args.pop(0) if args and "=" not in args[0] else None
-    cfg = load_config(path, args, cls=DpPeftConfig)
-    rows = run_experiment(cfg)
-    print(json.dumps(rows, indent=1))
-    print(f"wrote {cfg.results} and {Path(cfg.out_dir) / 'report.html'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_recipe(recipe: str | Path | None, overrides: list[str] = (),
+               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """``privasr dp-peft RECIPE key=value ...``: the experiment of ``recipe`` + overrides."""
+    cfg = load_config(recipe, list(overrides), cls=DpPeftConfig)
+    rows = run_experiment(cfg, log=log)
+    log(json.dumps(rows, indent=1))
+    log(f"wrote {cfg.results} and {Path(cfg.out_dir) / 'report.html'}")
+    return rows

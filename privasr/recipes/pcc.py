@@ -1,8 +1,11 @@
 """`privasr pcc-experiment`: baseline vs per-core clipping (PCC) at a few bounds vs adaptive PCC.
 
-    privasr pcc-experiment                                     # configs/pcc.yaml, K = 4 cores
-    privasr pcc-experiment --steps 3000 --device cuda --out runs/pcc-gpu
-    privasr pcc-experiment --bounds 0.5,2 model.size=tiny      # recipe overrides at the end
+    privasr pcc-experiment [RECIPE.yaml] [key=value ...]       # default: configs/pcc.yaml
+    privasr pcc-experiment experiment.steps=3000 experiment.out=runs/pcc-gpu device=cuda
+    privasr pcc-experiment experiment.bounds=[0.5,2] model.size=tiny
+
+``experiment.*`` keys are the experiment's own settings (``PccExperimentConfig``: out, bounds,
+cores, steps); every other key=value overrides the recipe, as in ``privasr train``.
 
 Every variant trains the same recipe (same seed, data order, model init) on one process with
 K simulated cores (``unit=core, num_cores=K``: examples are routed to cores exactly as a
@@ -26,14 +29,50 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from privasr.atomic import atomic_write_text
-from privasr.config import load_config
+from privasr.config import apply_overrides, from_dict, load_config
+from privasr.errors import ConfigError
+from privasr.paths import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 DEFAULT_BOUNDS = (0.5, 1.0, 2.0)  # per-core norms: ~6 at init, ~0.5-1.4 when trained
+PREFIX = "experiment"  # key=value overrides under experiment.* set PccExperimentConfig
+
+
+@dataclass
+class PccExperimentConfig:
+    """The experiment's own settings (``experiment.KEY=value``); the recipe holds the rest."""
+
+    out: str = "runs/pcc-experiment"
+    bounds: list[float] = field(default_factory=lambda: list(DEFAULT_BOUNDS))  # PCC clip norms
+    cores: int = 4  # K simulated cores
+    steps: int = 0  # optim.max_steps of every variant (warm-up/eval scaled to fit); 0: recipe's
+
+
+def experiment_config(overrides: Sequence[str]) -> tuple[PccExperimentConfig, list[str]]:
+    """Split ``experiment.*`` overrides from the recipe's: (experiment settings, the rest)."""
+    mine, rest = [], []
+    for o in overrides:
+        (mine if o.split("=", 1)[0].split(".", 1)[0] == PREFIX else rest).append(o)
+    d = apply_overrides({}, mine).get(PREFIX, {})
+    if isinstance(d, dict) and not isinstance(d.get("bounds", []), list):
+        raise ConfigError(f"{PREFIX}.bounds: expected a list of clip norms like [0.5,1,2], "
+                          f"got {d['bounds']!r}")
+    cfg = from_dict(PccExperimentConfig, d, prefix=PREFIX + ".")
+    if cfg.steps < 0:
+        raise ConfigError(f"{PREFIX}.steps must be >= 0 (0: the recipe's), got {cfg.steps}")
+    return cfg, rest
+
+
+def run_recipe(recipe: str | Path, overrides: Sequence[str] = (),
+               log: Callable[..., None] = print) -> dict[str, Any]:
+    """``privasr pcc-experiment RECIPE key=value ...``: the experiment on ``recipe``."""
+    exp, rest = experiment_config(overrides)
+    return run_pcc_experiment(recipe, out=exp.out, bounds=exp.bounds, cores=exp.cores,
+                              steps=exp.steps or None, overrides=rest, log=log)
 
 
 def variants(bounds: Sequence[float], cores: int) -> dict[str, list[str]]:
@@ -82,9 +121,10 @@ def run_pcc_experiment(config: str | Path = CONFIG_DIR / "pcc.yaml", *,
                        ) -> dict[str, Any]:
     """Train every variant, then write OUT/results.json and OUT/report.html; return the results."""
     if not bounds or any(not (c > 0 and math.isfinite(c)) for c in bounds):
-        raise ValueError(f"--bounds must be finite numbers > 0 (got {list(bounds)})")
+        raise ValueError(f"{PREFIX}.bounds must be finite numbers > 0 (got {list(bounds)})")
     if cores < 2:
-        raise ValueError(f"--cores must be >= 2 (got {cores}): one core is ordinary clipping")
+        raise ValueError(f"{PREFIX}.cores must be >= 2 (got {cores}): one core is ordinary "
+                         "clipping")
     out = Path(out)
     common = list(overrides)
     if steps is not None:

@@ -13,6 +13,7 @@ from privasr.data.manifest import SkipReport
 from privasr.data.splits import ensure_corpus, load_split, manifest_paths
 from privasr.data.tokenizer import CharTokenizer
 from privasr.decoding.evaluate import evaluate
+from privasr.errors import PolicyError
 from privasr.models.build import build_model
 from privasr.models.conformer import count_parameters
 from privasr.peft.apply import finish_peft, prepare_model
@@ -44,7 +45,6 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     t0 = time.time()
     ctx = D.init_distributed(pick_device(cfg.device))
     if ctx is not None:
-        D.prepare_config(cfg, ctx)
         log = log if ctx.is_main else (lambda *a, **k: None)
     threads = set_threads(cfg.threads or (0 if ctx is None else D.threads_per_rank(ctx)))
     torch.manual_seed(cfg.seed)
@@ -69,11 +69,16 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     model = build_model(cfg, tok.vocab_size)
     peft = prepare_model(cfg, model, log)       # init=CKPT (pre-trained encoder) and peft=...
     vocab = list(tok.symbols)
-    setup = build_setup(cfg, train_ds)
-    strategy, shard = D.distribute_setup(setup, cfg, ctx)
+    setup = build_setup(cfg, train_ds, ctx)
+    if canary_info and setup.policy is not None and setup.policy.unit == "speaker":
+        raise PolicyError("audit.canaries with privacy.policy.unit=speaker: every inserted "
+                          "canary has the speaker 'canary', so all canaries would be ONE privacy "
+                          "unit, sampled together; the audit's per-canary test needs them "
+                          "independent. Audit an example-level run instead")
+    strategy = setup.strategy
     private = setup.ledger is not None and not cfg.privacy.log_private_stats
     trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(strategy),
-                      plan=setup.plan, dist=ctx, shard=shard,
+                      plan=setup.plan, dist=ctx, shard=setup.shard,
                       withhold=WITHHELD_METRICS if private else frozenset())
     if setup.ledger is not None:
         probe_independence(trainer, train_ds, strategy)
@@ -106,8 +111,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     statement = privacy_statement(
         ledger, clipped=setup.policy is not None,
         private_stats=ledger is not None and cfg.privacy.log_private_stats,
-        protects="utterance (with its speed-perturbed copies)"
-        if cfg.augment.speed_perturb else "example",
+        protects=_protects(cfg, setup),
         extra_outside=(["inserted audit canaries are repeated r times: r copies are protected "
                         "only at group-privacy level r"] if canary_info else []))
     if ledger is None:
@@ -136,6 +140,14 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     write_run_report(cfg.out_dir, results)
     D.finish(ctx)
     return results
+
+
+def _protects(cfg: TrainConfig, setup) -> str:
+    """What one ε of this run covers, in words."""
+    if setup.policy is not None and setup.policy.unit == "speaker":
+        return "speaker (all of their utterances)"
+    return ("utterance (with its speed-perturbed copies)" if cfg.augment.speed_perturb
+            else "example")
 
 
 # train.csv columns a DP run does not release (the strategy drops the others it computes)

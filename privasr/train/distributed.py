@@ -10,9 +10,10 @@ What changes under torchrun, and what does not:
 - The recipe's batch settings describe the *global* logical batch: every rank builds the same
   logical batch (the batch plans are pure functions of (seed, step)), SpecAugment included,
   and keeps only its share (``shard``), so K ranks train on exactly what one process would.
-- Gradient strategy: ``unit=core`` → ``PerCoreGradient`` (PCC/APCC, one all-reduce; num_cores
-  defaults to the world size); no policy → ``DistributedMeanGradient`` (the global batch mean,
-  then the usual global-norm clip: what DDP computes). Other units are refused.
+- Gradient strategy (built by ``privasr.train.strategies.build_setup``): ``unit=core`` →
+  ``PerCoreGradient`` (PCC/APCC, one all-reduce; num_cores defaults to the world size); no
+  policy → ``DistributedMeanGradient`` (the global batch mean, then the usual global-norm
+  clip: what DDP computes). Other units are refused.
 - Identical init: rank 0's parameters and buffers are broadcast once; every rank then reseeds
   its torch RNG from (seed, rank, step) every step, so dropout masks differ across ranks and a
   resumed run continues exactly.
@@ -33,16 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from privasr.clipping.percore import (FlatGrads, PerCoreGradient, SimulatedCores,
-                                      shard_batches)
-from privasr.errors import PolicyError
+from privasr.clipping.percore import FlatGrads, shard_batches
 from privasr.data.dataset import Batch
-from privasr.privacy.randomness import SecretRandomness
 from privasr.errors import NonFiniteLossError
+from privasr.privacy.randomness import SecretRandomness
 
 __all__ = ["DistContext", "init_distributed", "main_first", "broadcast_module",
-           "DistributedMeanGradient", "NullLog", "prepare_config", "distribute_setup",
-           "contiguous_shard", "finish", "threads_per_rank", "share_randomness"]
+           "DistributedMeanGradient", "NullLog", "contiguous_shard", "finish",
+           "threads_per_rank", "share_randomness"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,6 @@ class NullLog:
     def log(self, *_: Any, **__: Any) -> None: ...
     def truncate_after(self, *_: Any) -> None: ...
     def close(self) -> None: ...
-    def read(self, *_: Any) -> list:
-        return []
 
 
 def contiguous_shard(rank: int, world: int) -> Callable[[Sequence[Batch]], list[Batch]]:
@@ -154,38 +151,6 @@ class DistributedMeanGradient:
             norm = torch.linalg.vector_norm(flat.grad)
         return {"loss": total / count if count else float("nan"), "grad_norm": float(norm),
                 "audio_seconds": audio}
-
-
-def prepare_config(cfg: Any, ctx: DistContext) -> None:
-    """Under torchrun, ``unit=core`` means one core per rank: default num_cores to the world."""
-    pol = cfg.privacy.policy
-    if pol and pol.get("unit") == "core":
-        pol.setdefault("num_cores", ctx.world_size)
-
-
-def distribute_setup(setup: Any, cfg: Any, ctx: DistContext | None
-                     ) -> tuple[Any, Callable[[Sequence[Batch]], list[Batch]] | None]:
-    """(the strategy to train with, the function that shards a logical batch under torchrun).
-
-    On one process (``ctx`` None) the setup's strategy is kept; with unit=core its stats gain
-    the per-core norms, so the simulation logs the same columns as the torchrun run."""
-    if ctx is None:
-        if setup.policy is not None and setup.policy.unit == "core":
-            setup.strategy.clipped = SimulatedCores(setup.strategy.clipped)
-        return setup.strategy, None
-    if setup.policy is None:
-        return (DistributedMeanGradient(max_norm=cfg.optim.max_grad_norm),
-                contiguous_shard(ctx.rank, ctx.world_size))
-    if setup.policy.unit != "core":
-        raise PolicyError(f"privacy.policy.unit={setup.policy.unit!r} under torchrun: only "
-                          "unit=core (per-core clipping, one core per rank) or no policy (plain "
-                          "data parallel) run across processes; run other units on one process")
-    share_randomness(setup.plan)
-    private = setup.strategy                   # PrivateGradient: keeps the ledger
-    noise = private.clipped.noise
-    core = PerCoreGradient(setup.policy, generator=noise.generator, secure_noise=noise.secure)
-    private.clipped = core
-    return private, core.local_batches
 
 
 def share_randomness(plan: Any) -> None:

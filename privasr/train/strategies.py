@@ -3,23 +3,26 @@ strategy (ordinary, clipped per unit, DP-SGD) and the batch plan (buckets or Poi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from privasr.clipping.policy import ClipPolicy, split_noise_multiplier
-from privasr.errors import PolicyError
+from privasr.clipping.percore import PerCoreGradient
+from privasr.clipping.policy import ClipPolicy
+from privasr.clipping.sharded import SHARDED_UNITS, ShardedClippedGradient
 from privasr.clipping.strategy import ClippedGradient
 from privasr.config import TrainConfig
 from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler
 from privasr.data.poisson import PoissonSampler
-from privasr.privacy.accountant import PrivacyUnit, calibrate, default_delta
+from privasr.errors import PolicyError
+from privasr.privacy.accountant import calibrate, default_delta
 from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
 from privasr.privacy.randomness import RandomSource, SecretRandomness, SeededRandomness
+from privasr.train.distributed import (DistContext, DistributedMeanGradient, contiguous_shard,
+                                       share_randomness)
 from privasr.train.gradient import BatchClipGradient, GradientStrategy, LossFn
 from privasr.train.trainer import BucketPlan, PoissonPlan
 
@@ -45,7 +48,8 @@ class PrivateGradient:
     what ``fill_grads`` returns: ε does not cover them.
     """
 
-    def __init__(self, clipped: ClippedGradient, ledger: PrivacyLedger | None, *,
+    def __init__(self, clipped: ClippedGradient | PerCoreGradient | ShardedClippedGradient,
+                 ledger: PrivacyLedger | None, *,
                  sample_rate: float | None = None, calibration: "Calibration | None" = None,
                  private_stats: bool = True) -> None:
         self.clipped, self.ledger = clipped, ledger
@@ -57,8 +61,7 @@ class PrivateGradient:
 
     def mechanism(self) -> tuple[float, float]:
         """(σ as the ledger counts it, q) of the next step, from the policy the noise uses."""
-        pol = self.clipped.policy
-        return pol.accounting_noise_multiplier() * pol.sensitivity_factor, self.sample_rate
+        return self.clipped.policy.ledger_noise_multiplier(), self.sample_rate
 
     def fill_grads(self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
                    ) -> dict[str, float]:
@@ -114,10 +117,10 @@ class PrivateGradient:
             return
         if led.would_exceed(0) or led.epsilon() >= led.target_epsilon:
             return  # the budget check stops the run with its own message
-        z = calibrate(led.target_epsilon, led.delta, left, self.sample_rate, method=led.method,
-                      sensitivity_factor=led.sensitivity_factor, prior_segments=led.segments)
-        policy = dataclasses.replace(self.clipped.policy,
-                                     noise_multiplier=cal.policy_sigma(z / led.sensitivity_factor))
+        sigma = calibrate(led.target_epsilon, led.delta, left, self.sample_rate,
+                          method=led.method, sensitivity_factor=led.sensitivity_factor,
+                          prior_segments=led.segments)
+        policy = self.clipped.policy.with_ledger_noise(sigma)
         self.clipped.policy = policy
         self.notices.append(f"privacy: σ recalibrated to {policy.noise_multiplier:.4g} for the "
                             f"remaining {left} steps, so that the whole run spends the budget "
@@ -126,32 +129,37 @@ class PrivateGradient:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How σ was derived from the budget: to recalibrate it on resume."""
+    """σ was calibrated so that ``max_steps`` steps spend the budget: on resume with other
+    settings it is calibrated again (``ClipPolicy.with_ledger_noise``)."""
 
     max_steps: int
-    bound: str
-    unit: str
-    quantile_noise_multiplier: float
-    sensitivity_factor: float
-
-    def policy_sigma(self, z: float) -> float:
-        """The policy's σ for an accounting multiplier z (per unit of sensitivity)."""
-        if self.bound == "quantile":
-            z = split_noise_multiplier(z, self.quantile_noise_multiplier,
-                                       count_sensitivity=0.5 if self.unit == "example" else 1.0)
-        return z * self.sensitivity_factor
 
 
 @dataclass
 class TrainingSetup:
+    """What the trainer is given: the gradient strategy, the batch plan, the policy (None: no
+    clipping) and, under torchrun, the function that keeps this rank's share of a batch."""
+
     strategy: GradientStrategy
     plan: Any
-    ledger: PrivacyLedger | None
     policy: ClipPolicy | None
+    shard: Callable[[Sequence[Batch]], list[Batch]] | None = None
+
+    @property
+    def ledger(self) -> PrivacyLedger | None:
+        """The strategy's ledger as it is now (resume replaces it)."""
+        return getattr(self.strategy, "ledger", None)
 
 
-def build_setup(cfg: TrainConfig, train_ds: AsrDataset) -> TrainingSetup:
-    """The strategy and batch plan the recipe asks for, validated against each other."""
+def build_setup(cfg: TrainConfig, train_ds: AsrDataset, ctx: DistContext | None = None
+                ) -> TrainingSetup:
+    """The one builder: (policy, engine, sampling, distribution) → strategy, plan, shard.
+
+    Distribution: one process (``ctx`` None; unit=core is the K-core simulation) or torchrun
+    ranks (``ctx``: unit=core → one core per rank, ``PerCoreGradient``; example / speaker →
+    ``ShardedClippedGradient``; no policy → the data-parallel mean). Nothing is edited after
+    it is built.
+    """
     pc = cfg.privacy
     if pc.sampling not in ("bucket", "poisson"):
         raise PolicyError(f"privacy.sampling={pc.sampling!r}; valid: bucket, poisson")
@@ -160,70 +168,108 @@ def build_setup(cfg: TrainConfig, train_ds: AsrDataset) -> TrainingSetup:
     if not pc.policy:
         if pc.target_epsilon is not None:
             raise PolicyError("privacy.target_epsilon needs a privacy.policy (unit, clip_norm)")
-        return TrainingSetup(BatchClipGradient(max_norm=cfg.optim.max_grad_norm),
-                             _plan(cfg, train_ds, None), None, None)
+        if ctx is None:
+            return TrainingSetup(BatchClipGradient(max_norm=cfg.optim.max_grad_norm),
+                                 _plan(cfg, train_ds, None, None), None)
+        return TrainingSetup(DistributedMeanGradient(max_norm=cfg.optim.max_grad_norm),
+                             _plan(cfg, train_ds, None, None), None,
+                             contiguous_shard(ctx.rank, ctx.world_size))
 
     fields = dict(pc.policy)
-    units = train_ds.privacy_units() if pc.sampling == "poisson" else None
+    unit = fields.setdefault("unit", "example")
+    if ctx is not None:
+        if unit not in ("core", *SHARDED_UNITS):
+            raise PolicyError(f"privacy.policy.unit={unit!r} under torchrun: unit=core (one core "
+                              "per rank), example or speaker (units sharded across ranks), or no "
+                              "policy (plain data parallel) run across processes; run other "
+                              "units on one process")
+        if unit == "core":
+            fields.setdefault("num_cores", ctx.world_size)
+    if unit == "speaker" and pc.sampling != "poisson":
+        raise PolicyError("privacy.policy.unit=speaker needs privacy.sampling=poisson: speakers "
+                          "are the units sampled (each with all of its utterances)")
+    if unit == "client":
+        raise PolicyError("unit=client is the federated server's (privasr fl); for user-level "
+                          "DP in central training use unit=speaker")
+    units = _units(train_ds, unit) if pc.sampling == "poisson" else None
     n = len(units) if units is not None else len(train_ds)
     if pc.sampling == "poisson":
         fields.setdefault("expected_batch_size", pc.expected_batch_size)
     dp = pc.target_epsilon is not None or fields.get("noise_multiplier", 0) > 0
     if not dp:
         policy = ClipPolicy.from_dict(fields)
-        clipped = ClippedGradient(policy, pc.engine, **_chunk(pc))
-        return TrainingSetup(PrivateGradient(clipped, None), _plan(cfg, train_ds, None),
-                             None, policy)
+        return TrainingSetup(PrivateGradient(_clipped(policy, pc, ctx, None), None),
+                             _plan(cfg, train_ds, None, units), policy, _shard(ctx))
 
     if pc.sampling != "poisson":
         raise PolicyError("noise with an (ε, δ) claim needs privacy.sampling=poisson: the "
                           "accountant assumes Poisson sampling; duration buckets would "
                           "make the claimed ε wrong")
-    if fields.get("unit", "example") == "batch":
+    if unit == "batch":
         raise PolicyError("unit=batch cannot give DP: one example's influence on the batch "
                           "mean is not bounded per example; use unit=example or microbatch")
     delta = pc.delta if pc.delta is not None else default_delta(n)
     q = pc.expected_batch_size / n
-    probe = ClipPolicy.from_dict({**fields, "noise_multiplier": 1.0})
-    k = probe.sensitivity_factor
+    policy = ClipPolicy.from_dict({"noise_multiplier": 0.0, **fields})
     calibration = None
     if pc.target_epsilon is not None and "noise_multiplier" not in fields:
-        # calibrate the per-step accounting multiplier z, then map it back to the policy's σ
-        calibration = Calibration(cfg.optim.max_steps, probe.bound, probe.unit,
-                                  probe.quantile_noise_multiplier, k)
-        z = calibrate(pc.target_epsilon, delta, cfg.optim.max_steps, q, method=pc.accounting)
-        fields["noise_multiplier"] = calibration.policy_sigma(z)
-    policy = ClipPolicy.from_dict(fields)
-    unit = {"example": PrivacyUnit.EXAMPLE, "microbatch": PrivacyUnit.MICROBATCH,
-            "core": PrivacyUnit.CORE}[policy.unit]
+        calibration = Calibration(cfg.optim.max_steps)
+        policy = policy.with_ledger_noise(calibrate(
+            pc.target_epsilon, delta, cfg.optim.max_steps, q, method=pc.accounting,
+            sensitivity_factor=policy.sensitivity_factor))
     secret = pc.randomness == "secret"
-    ledger = PrivacyLedger(noise_multiplier=policy.accounting_noise_multiplier() * k,
-                           sample_rate=q, delta=delta, unit=unit, sensitivity_factor=k,
+    ledger = PrivacyLedger(noise_multiplier=policy.ledger_noise_multiplier(), sample_rate=q,
+                           delta=delta, unit=policy.privacy_unit,
+                           sensitivity_factor=policy.sensitivity_factor,
                            target_epsilon=pc.target_epsilon, method=pc.accounting,
                            population=n, secret_randomness=secret)
     gen = None if secret else torch.Generator().manual_seed(cfg.seed + 7919)
-    clipped = ClippedGradient(policy, pc.engine, generator=gen, secure_noise=secret,
-                              **_chunk(pc))
     source = SecretRandomness() if secret else SeededRandomness(cfg.seed)
-    strategy = PrivateGradient(clipped, ledger, sample_rate=q, calibration=calibration,
+    plan = _plan(cfg, train_ds, source, units)
+    if ctx is not None:
+        share_randomness(plan)          # every rank draws rank 0's secret Poisson batches
+    strategy = PrivateGradient(_clipped(policy, pc, ctx, gen, secure=secret), ledger,
+                               sample_rate=q, calibration=calibration,
                                private_stats=pc.log_private_stats)
-    return TrainingSetup(strategy, _plan(cfg, train_ds, source), ledger, policy)
+    return TrainingSetup(strategy, plan, policy, _shard(ctx, strategy))
 
 
-def _chunk(pc) -> dict[str, int]:
-    return {} if pc.engine == "reference" else {"chunk_size": pc.engine_chunk}
+def _units(train_ds: AsrDataset, unit: str) -> list[list[int]] | None:
+    """The dataset indices of each Poisson-sampled unit: a speaker's utterances (unit=speaker),
+    an utterance with its derived copies, or None (every example is a unit)."""
+    return train_ds.speaker_units() if unit == "speaker" else train_ds.privacy_units()
 
 
-def _plan(cfg: TrainConfig, train_ds: AsrDataset, source: RandomSource | None) -> Any:
+def _clipped(policy: ClipPolicy, pc, ctx: DistContext | None, gen: torch.Generator | None,
+             secure: bool = False) -> ClippedGradient | PerCoreGradient | ShardedClippedGradient:
+    """One process: ``ClippedGradient`` (unit=core simulates the cores). torchrun: one core per
+    rank (``PerCoreGradient``), or example / speaker units sharded across the ranks."""
+    if ctx is not None and policy.unit == "core":
+        return PerCoreGradient(policy, generator=gen, secure_noise=secure)
+    chunk = {} if pc.engine == "reference" else {"chunk_size": pc.engine_chunk}
+    cls = ClippedGradient if ctx is None else ShardedClippedGradient
+    return cls(policy, pc.engine, generator=gen, secure_noise=secure, **chunk)
+
+
+def _shard(ctx: DistContext | None, strategy: Any = None):
+    """Under torchrun: this rank's share of a logical batch (its core's or its units' rows)."""
+    if ctx is None:
+        return None
+    return strategy.clipped.local_batches
+
+
+def _plan(cfg: TrainConfig, train_ds: AsrDataset, source: RandomSource | None,
+          units: list[list[int]] | None) -> Any:
     """Duration buckets, or Poisson sampling of privacy units (from ``source``: secret for DP
-    runs; None: the public seed)."""
+    runs; None: the public seed). A speaker unit contributes all of its utterances."""
     pc = cfg.privacy
     if pc.sampling == "poisson":
-        units = train_ds.privacy_units()
         n = len(units) if units is not None else len(train_ds)
+        whole = pc.policy.get("unit") == "speaker"
         return PoissonPlan(PoissonSampler(n, expected_batch_size=pc.expected_batch_size,
                                           max_physical=pc.max_physical, seed=cfg.seed,
-                                          source=source, members=units))
+                                          source=source, members=units,
+                                          whole_units=whole))
     return BucketPlan(DurationBucketSampler(
         train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
         seed=cfg.seed), cfg.optim.grad_accum)

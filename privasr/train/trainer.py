@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from privasr.config import TrainConfig, to_dict
+from privasr.config import OptimConfig, TrainConfig, to_dict
+from privasr.errors import ConfigError
 from privasr.data.dataset import AsrDataset, Batch, DurationBucketSampler
 from privasr.data.features import SpecAugment
 from privasr.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -47,6 +48,21 @@ def set_threads(n: int) -> int:
     n = n or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
     return n
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``optim.name`` over the trainable parameters: AdamW (weight decay on matrices only) or
+    plain SGD (what a federated client runs locally)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name != "adamw":
+        raise ConfigError(f"optim.name={cfg.name!r}; valid: adamw, sgd")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 @dataclass
@@ -126,13 +142,7 @@ class Trainer:
         self.plan = plan or BucketPlan(DurationBucketSampler(
             train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
             seed=cfg.seed), cfg.optim.grad_accum)
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.optimizer = build_optimizer(cfg.optim, model)
         self.scheduler = warmup_cosine(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
                                        max_steps=cfg.optim.max_steps,
                                        min_lr_ratio=cfg.optim.min_lr_ratio)
