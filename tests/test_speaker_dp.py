@@ -150,3 +150,35 @@ def test_speaker_level_dp_trains_with_epsilon_per_speaker(tiny_corpus, tmp_path)
     assert p["delta"] == pytest.approx(min(1e-5, n_speakers ** -1.1))
     assert st["guarantee"] and st["unit"] == "speaker" and "speaker" in st["protects"]
     assert st["delta_times_n"] == pytest.approx(p["delta"] * n_speakers)
+
+
+@pytest.mark.slow
+def test_speaker_dp_under_torchrun_matches_one_process(tiny_corpus, tmp_path):
+    """`privasr train` with unit=speaker on 2 ranks (speakers sharded) == on one process: the
+    same parameters, stats and ledger after 3 steps (seeded randomness, so the two runs can
+    draw the same batches and noise; such runs print no ε)."""
+    import csv
+
+    from test_percore import torchrun
+
+    corpus, _, _ = tiny_corpus
+    common = [o for o in _overrides(corpus, "X", steps=3) if not o.startswith("out_dir")] + [
+        "model.dropout=0.0", "privacy.policy={unit: speaker, clip_norm: 1.0, "
+        "noise_multiplier: 0.5}", "privacy.sampling=poisson", "privacy.expected_batch_size=4",
+        "privacy.max_physical=8", "privacy.randomness=seeded", "privacy.log_private_stats=true"]
+    dist_out, one_out = tmp_path / "dist", tmp_path / "one"
+    torchrun(2, ["-m", "privasr.cli", "train", "configs/dpsgd_eps8.yaml", *common,
+                 f"out_dir={dist_out}"])
+    run_training(load_config("configs/dpsgd_eps8.yaml", common + [f"out_dir={one_out}"]),
+                 log=lambda *_: None)
+    a = torch.load(dist_out / "last.pt", weights_only=False)
+    b = torch.load(one_out / "last.pt", weights_only=False)
+    for k, v in b["model"].items():
+        if not k.endswith("attn.k.bias"):       # exactly-zero gradients: Adam amplifies noise
+            torch.testing.assert_close(a["model"][k], v, rtol=1e-4, atol=1e-5)
+    assert a["strategy"]["ledger"] == b["strategy"]["ledger"]
+    assert a["strategy"]["ledger"]["unit"] == "speaker"
+    rows = {o: list(csv.DictReader(open(o / "train.csv"))) for o in (dist_out, one_out)}
+    for rd, ro in zip(rows[dist_out], rows[one_out]):
+        for k in ("loss", "units", "examples", "frac_clipped", "norm_p50"):
+            assert float(rd[k]) == pytest.approx(float(ro[k]), rel=1e-5, nan_ok=True), k

@@ -160,8 +160,7 @@ def probe_independence(trainer: Trainer, train_ds: AsrDataset, strategy) -> None
     from privasr.clipping.probe import check_per_example_independence
     from privasr.models.loss import checked
 
-    clipped = getattr(strategy, "clipped", None)
-    engine = getattr(clipped, "engine", None) or getattr(clipped, "_engine", None)
+    engine = getattr(getattr(strategy, "clipped", None), "engine", None)
     if engine is None:   # torchrun per-core: one local mean per rank, no per-example engine
         return
     order = sorted(range(len(train_ds)), key=lambda i: train_ds.durations[i])[:4]
