@@ -11,9 +11,10 @@ What changes under torchrun, and what does not:
   logical batch (the batch plans are pure functions of (seed, step)), SpecAugment included,
   and keeps only its share (``shard``), so K ranks train on exactly what one process would.
 - Gradient strategy (built by ``privasr.train.strategies.build_setup``): ``unit=core`` →
-  ``PerCoreGradient`` (PCC/APCC, one all-reduce; num_cores defaults to the world size); no
-  policy → ``DistributedMeanGradient`` (the global batch mean, then the usual global-norm
-  clip: what DDP computes). Other units are refused.
+  ``PerCoreGradient`` (PCC/APCC, one all-reduce; num_cores defaults to the world size);
+  ``unit=example|speaker`` → ``ShardedClippedGradient`` (units sharded across ranks, one
+  all-reduce); no policy → ``DistributedMeanGradient`` (the global batch mean, then the usual
+  global-norm clip: what DDP computes). Micro-batch units are refused.
 - Identical init: rank 0's parameters and buffers are broadcast once; every rank then reseeds
   its torch RNG from (seed, rank, step) every step, so dropout masks differ across ranks and a
   resumed run continues exactly.
