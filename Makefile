@@ -17,7 +17,7 @@ apt:
 $(VENV)/.stamp-install: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev,hf]"
 	touch $@
 
 setup: apt $(VENV)/.stamp-install

@@ -168,6 +168,13 @@ def _transcribe(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from privasr.recipes.export import export_checkpoint
+
+    export_checkpoint(a.checkpoint, a.out)
+    return 0
+
+
 def _audit_make(a: argparse.Namespace) -> int:
     from privasr.recipes.audit import make_canaries_command
 
@@ -227,6 +234,11 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("audio", nargs="+")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a model.family=hf_ctc checkpoint (last.pt, merged.pt)")
+    p.add_argument("out", help="the transformers directory to write")
+
+
 def _make_canaries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (canaries.jsonl, audio/)")
 
@@ -266,6 +278,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval", "WER/CER of a checkpoint on a manifest", _eval, _eval_args),
     Command("transcribe", "transcribe audio files with a checkpoint", _transcribe,
             _transcribe_args),
+    Command("export", "an hf_ctc checkpoint as a transformers model directory", _export,
+            _export_args),
     Command("audit", "memorization audit: sped-up canaries, exposure, one-run ε", subcommands=(
         Command("make-canaries", "synthesise sped-up random-word canaries", _audit_make,
                 _make_canaries_args,

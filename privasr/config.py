@@ -54,10 +54,22 @@ class DataConfig:
     synth_domain: str = ""  # "public" | "private": a side of privasr.data.domains' split
 
 
+FAMILIES = ("conformer", "hf_ctc")
+
+
 @dataclass
 class ModelConfig:
+    """``family: conformer`` (privasr's Conformer-CTC: ``size``, ``dropout``; fbank features) or
+    ``family: hf_ctc``: a local Hugging Face ``transformers`` CTC model directory ``path``
+    (Wav2Vec2ForCTC and models with its interface; raw-waveform features), with a new CTC head
+    sized to privasr's character vocabulary (``privasr.models.hf_ctc``). ``size`` and
+    ``dropout`` do not apply to it (its dropouts are the checkpoint's)."""
+
     size: str = "small"
     dropout: float = 0.1
+    family: str = "conformer"  # conformer | hf_ctc
+    path: str = ""  # hf_ctc: a directory written by transformers' save_pretrained
+    freeze_feature_encoder: bool = True  # hf_ctc: the convolutional feature encoder stays frozen
 
 
 @dataclass

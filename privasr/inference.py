@@ -12,7 +12,7 @@ import torch
 
 from privasr.atomic import atomic_write_text
 from privasr.data.dataset import AsrDataset, compute_features
-from privasr.data.features import FeatureConfig, fbank
+from privasr.data.features import FeatureConfig, fbank, waveform
 from privasr.data.manifest import AudioError, read_manifest, validate
 from privasr.data.tokenizer import CharTokenizer
 from privasr.decoding.ctc import beam_search, greedy_decode
@@ -24,18 +24,36 @@ from privasr.checkpoint import load_checkpoint
 from privasr.decoding.evaluate import predict
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[ConformerCTC, list[str]]:
+def model_from_config(model_config: dict) -> torch.nn.Module:
+    """A randomly initialised model of the architecture a checkpoint's ``model_config``
+    describes: a Conformer-CTC, or (``family: hf_ctc``) a transformers CTC model."""
+    if model_config.get("family") == "hf_ctc":
+        from privasr.models.hf_ctc import from_model_config
+
+        return from_model_config(model_config)
+    return ConformerCTC(ConformerConfig(**model_config))
+
+
+def feature_config_of(model: torch.nn.Module) -> FeatureConfig:
+    """The features ``model`` takes: waveforms for a transformers CTC model, else fbank."""
+    if getattr(getattr(model, "cfg", None), "family", "conformer") == "hf_ctc":
+        return FeatureConfig(kind="waveform")
+    return FeatureConfig()
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, list[str]]:
     ck = load_checkpoint(path, map_location=device)
     if not ck.get("model_config"):
         raise ValueError(f"{path}: checkpoint has no model_config")
-    model = ConformerCTC(ConformerConfig(**ck["model_config"]))
+    model = model_from_config(ck["model_config"])
     rebuild(model, ck.get("config") or {})      # LoRA / adapter modules of a PEFT checkpoint
     model.load_state_dict(ck["model"])
     model.eval()
     return model.to(device), list(ck["vocab"])
 
 
-def transcribe_files(model: ConformerCTC, vocab: list[str], paths: list[str]):
+def transcribe_files(model: torch.nn.Module, vocab: list[str], paths: list[str]):
+    fc = feature_config_of(model)
     for p in paths:
         try:
             x, sr = sf.read(p, dtype="float32", always_2d=True)
@@ -43,7 +61,10 @@ def transcribe_files(model: ConformerCTC, vocab: list[str], paths: list[str]):
             raise AudioError(f"{p}: cannot read audio ({e})") from None
         if sr != 16000:
             raise AudioError(f"{p}: sample rate {sr} Hz; privasr models expect 16000 Hz")
-        f = torch.from_numpy(fbank(x.mean(1), FeatureConfig()))[None]
+        if fc.kind == "waveform":
+            f = torch.from_numpy(waveform(x.mean(1), fc))[None]
+        else:
+            f = torch.from_numpy(fbank(x.mean(1), FeatureConfig()))[None]
         with torch.no_grad():
             lp, lens = model(f, torch.tensor([f.shape[1]]))
         yield p, greedy_decode(lp, lens, vocab)[0]
@@ -63,8 +84,10 @@ def eval_command(ckpt: str, manifest: str, *, out: str | None = None, beam: int 
                  ) -> int:
     model, vocab = load_model(ckpt)
     utts = validate(read_manifest(manifest))
-    feats = compute_features(utts, FeatureConfig(), cache_dir=Path(manifest).parent / "feats")
-    ds = AsrDataset(utts, feats, CharTokenizer(tuple(vocab)))
+    feats = compute_features(utts, feature_config_of(model),
+                             cache_dir=Path(manifest).parent / "feats")
+    ds = AsrDataset(utts, feats, CharTokenizer(tuple(vocab)),
+                    output_frames=getattr(model, "output_frames", None))
     t = time.time()
     p = predict(model, ds, vocab, keep_log_probs=beam > 0)
     rows = {"greedy": error_report(p.refs, p.hyps)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from privasr.audit.canaries import CanaryError, read_canaries, training_copies
 from privasr.data.dataset import AsrDataset, compute_features, ctc_min_frames, ctc_output_frames
@@ -15,7 +15,9 @@ from privasr.data.tokenizer import CharTokenizer
 
 def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokenizer, *,
                  others: Mapping[str, AsrDataset] = {}, subsampling: int = 4,
-                 feature_workers: int = 1, log=print) -> tuple[AsrDataset, dict]:
+                 feature_workers: int = 1, features: FeatureConfig = FeatureConfig(),
+                 output_frames: Callable[[int], int] | None = None, log=print
+                 ) -> tuple[AsrDataset, dict]:
     """A new training set: ``train_ds`` plus every inserted canary r times. Refuses if a
     canary (or its transcript) is already in the training set or in any of ``others``
     (dev/test). CTC-infeasible inserted canaries (kept by ``make-canaries --on-infeasible
@@ -31,10 +33,13 @@ def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokeniz
                               f"enter training only through audit.canaries")
     inserted = validate([c.utt for c in canaries if c.inserted])
     feats = dict(zip([u.id for u in inserted],
-                     compute_features(inserted, FeatureConfig(), cache_dir=path.parent / "feats",
+                     compute_features(inserted, features, cache_dir=path.parent / "feats",
                                       workers=feature_workers, progress=False,
                                       desc="canary features")))
-    bad = [u.id for u in inserted if ctc_output_frames(feats[u.id].shape[0], subsampling)
+    if output_frames is None:
+        def output_frames(n: int) -> int:
+            return ctc_output_frames(n, subsampling)
+    bad = [u.id for u in inserted if output_frames(feats[u.id].shape[0])
            < ctc_min_frames(tok.encode(u.text))]
     if bad:
         warnings.warn(f"{len(bad)} inserted canaries are CTC-infeasible for a {subsampling}×-"
@@ -44,7 +49,7 @@ def add_canaries(train_ds: AsrDataset, canary_path: str | Path, tok: CharTokeniz
     ds = AsrDataset(list(train_ds.utts) + copies,
                     list(train_ds.feats) + [feats[u.id.rsplit("_rep", 1)[0]] for u in copies],
                     tok, subsampling=subsampling, report=train_ds.report,
-                    source_of=train_ds.source_of)
+                    source_of=train_ds.source_of, output_frames=output_frames)
     info = {"canaries": str(path), "n": len(canaries), "inserted": len(inserted),
             "held_out": len(canaries) - len(inserted), "training_copies": len(copies),
             "infeasible_not_inserted": len(bad)}

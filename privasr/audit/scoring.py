@@ -12,11 +12,11 @@ from torch import nn
 
 from privasr.audit.canaries import Canary
 from privasr.data.dataset import AsrDataset, compute_features
-from privasr.data.features import FeatureConfig
 from privasr.data.manifest import SkipReport
 from privasr.data.tokenizer import CharTokenizer
 from privasr.decoding.metrics import cer
 from privasr.decoding.evaluate import predict
+from privasr.inference import feature_config_of
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,13 @@ def score_canaries(model: nn.Module, vocab: Sequence[str], canaries: Sequence[Ca
     is infinite and they measure nothing)."""
     tok = CharTokenizer(tuple(vocab))
     utts = [c.utt for c in canaries]
-    feats = compute_features(utts, FeatureConfig(), cache_dir=cache_dir, progress=False)
+    # the model's own input: fbank for the Conformer-CTC, 16 kHz waveforms for a transformers
+    # CTC model (whose encoder also says how many output frames an input has)
+    feats = compute_features(utts, feature_config_of(model), cache_dir=cache_dir,
+                             progress=False)
     report = SkipReport()
-    ds = AsrDataset(utts, feats, tok, subsampling=subsampling, report=report)
+    ds = AsrDataset(utts, feats, tok, subsampling=subsampling, report=report,
+                    output_frames=getattr(model, "output_frames", None))
     if report.total:
         warnings.warn(f"{report.total} canaries are CTC-infeasible and are not scored "
                       f"({report.summary()})", stacklevel=2)

@@ -8,24 +8,30 @@ import multiprocessing as mp
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from privasr.atomic import atomic_path
-from privasr.data.features import FeatureConfig, fbank, speed_perturb
+from privasr.data.features import FeatureConfig, fbank, frame_seconds, speed_perturb, waveform
 from privasr.data.manifest import SkipReport, Utterance, load_audio
 from privasr.data.tokenizer import CharTokenizer
 
 
 def _features_of(item: tuple[Utterance, FeatureConfig]) -> torch.Tensor:
     utt, cfg = item
+    if cfg.kind == "waveform":
+        x = waveform(speed_perturb(load_audio(utt), cfg.speed), cfg, utt.sampling_rate)
+        return torch.from_numpy(x).to(torch.float16)
     return torch.from_numpy(fbank(speed_perturb(load_audio(utt), cfg.speed), cfg)).to(torch.float16)
 
 
 def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
-    h = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode())
+    d = asdict(cfg)
+    if d["kind"] == "fbank":     # fbank caches keep the key they had before feature kinds
+        del d["kind"]
+    h = hashlib.sha1(json.dumps(d, sort_keys=True).encode())
     for u in utts:
         h.update(f"{u.id}\t{u.audio}\t{u.duration:.4f}\n".encode())
     return h.hexdigest()[:16]
@@ -34,7 +40,8 @@ def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
 def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConfig(), *,
                      cache_dir: str | Path | None = None, workers: int = 1,
                      progress: bool = True, desc: str = "features") -> list[torch.Tensor]:
-    """fp16 fbank of every utterance, cached on disk under ``cache_dir`` when given."""
+    """fp16 features of every utterance (fbank, or the waveform with ``cfg.kind="waveform"``),
+    cached on disk under ``cache_dir`` when given."""
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"feats-{_cache_key(utts, cfg)}.pt"
@@ -77,8 +84,13 @@ class Batch:
         return None if self.speakers is None else [self.speakers[i] for i in rows]
 
     @property
+    def frame_seconds(self) -> float:
+        """Seconds per feature frame: 0.01 for fbank, 1/16000 for waveform (width-1) features."""
+        return frame_seconds(self.feats.shape[-1])
+
+    @property
     def audio_seconds(self) -> float:
-        return float(self.feat_lens.sum()) * 0.01
+        return float(self.feat_lens.sum()) * self.frame_seconds
 
 
 def ctc_output_frames(n_feat_frames: int, subsampling: int = 4) -> int:
@@ -92,19 +104,29 @@ def ctc_min_frames(target: Sequence[int]) -> int:
 
 
 class AsrDataset:
-    """Utterances with their features and token ids; drops CTC-infeasible ones (counted)."""
+    """Utterances with their features and token ids; drops CTC-infeasible ones (counted).
+
+    Feasibility: ``output_frames(n)`` (the model's output frames for n input frames) when
+    given, else the conservative ``ctc_output_frames(n, subsampling)``. ``frame_seconds``
+    (the duration of one feature frame) follows from the features' width (``features.
+    frame_seconds``): 0.01 for fbank, 1/16000 for waveform features.
+    """
 
     def __init__(self, utts: Sequence[Utterance], feats: Sequence[torch.Tensor],
                  tokenizer: CharTokenizer, *, subsampling: int = 4,
                  report: SkipReport | None = None,
-                 source_of: dict[str, str] | None = None) -> None:
+                 source_of: dict[str, str] | None = None,
+                 output_frames: Callable[[int], int] | None = None) -> None:
+        if output_frames is None:
+            def output_frames(n: int) -> int:
+                return ctc_output_frames(n, subsampling)
         self.report = report if report is not None else SkipReport()
         # derived copies (e.g. speed perturbation): copy id -> the id of its source utterance
         self.source_of: dict[str, str] = dict(source_of or {})
         self.utts, self.feats, self.targets = [], [], []
         for u, f in zip(utts, feats, strict=True):
             ids = tokenizer.encode(u.text, where=f"utterance {u.id!r}")
-            if ctc_output_frames(f.shape[0], subsampling) < ctc_min_frames(ids):
+            if output_frames(f.shape[0]) < ctc_min_frames(ids):
                 self.report.add("CTC-infeasible (too fast for the model's frame rate)",
                                 f"{u.id}: {len(ids)} labels in {f.shape[0]} frames")
                 continue
@@ -134,8 +156,14 @@ class AsrDataset:
         return list(groups.values())
 
     @property
+    def frame_seconds(self) -> float:
+        """Seconds per feature frame (0.01 for fbank; see the class docstring)."""
+        return frame_seconds(self.feats[0].shape[-1]) if self.feats else 0.01
+
+    @property
     def durations(self) -> list[float]:
-        return [f.shape[0] * 0.01 for f in self.feats]
+        s = self.frame_seconds
+        return [f.shape[0] * s for f in self.feats]
 
     def collate(self, indices: Sequence[int]) -> Batch:
         feats = [self.feats[i] for i in indices]

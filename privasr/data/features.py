@@ -1,4 +1,11 @@
-"""80-dim log-mel filterbank features (kaldi-native-fbank), normalisation and augmentation."""
+"""Features: 80-dim log-mel filterbank (kaldi-native-fbank) or the raw 16 kHz waveform (for
+pre-trained wav2vec2-style models), normalisation and augmentation.
+
+``FeatureConfig(kind="fbank")`` (the default, the Conformer-CTC's input) gives (T, n_mels) frames
+at 100 frames/s; ``FeatureConfig(kind="waveform")`` gives the samples themselves as a (N, 1)
+tensor, one "frame" per sample at ``sample_rate`` (the model normalises them: see
+``privasr.models.hf_ctc``). ``frame_seconds(feature_dim)`` is the duration of one frame.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import torch
 from scipy.signal import resample_poly
 
 FRAME_SHIFT_S = 0.01
+WAVEFORM_RATE = 16000  # samples/s of waveform features (what wav2vec2-style models expect)
+KINDS = ("fbank", "waveform")
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,33 @@ class FeatureConfig:
     dither: float = 0.0
     cmvn: str = "utterance"  # "utterance" (mean/var per utterance and bin) or "none"
     speed: float = 1.0  # speed perturbation factor applied to the audio first
+    kind: str = "fbank"  # "fbank" (T, n_mels) @ 100 frames/s | "waveform" (N, 1) @ sample_rate
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"feature kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+        if self.kind == "waveform" and self.sample_rate != WAVEFORM_RATE:
+            raise ValueError(f"waveform features are {WAVEFORM_RATE} Hz samples "
+                             f"(got sample_rate={self.sample_rate})")
+
+
+def frame_seconds(feature_dim: int) -> float:
+    """Seconds per feature frame: a (T, 1) feature is a waveform (one frame per 16 kHz sample),
+    anything wider is fbank (10 ms frames)."""
+    return 1.0 / WAVEFORM_RATE if feature_dim == 1 else FRAME_SHIFT_S
+
+
+def waveform(samples: np.ndarray, cfg: FeatureConfig, source_rate: int | None = None
+             ) -> np.ndarray:
+    """(N, 1) float32 samples at ``cfg.sample_rate`` (resampled from ``source_rate`` if it
+    differs). Not normalised: the model does its own per-utterance normalisation."""
+    x = np.asarray(samples, dtype=np.float32)
+    if source_rate is not None and source_rate != cfg.sample_rate:
+        from fractions import Fraction
+
+        fr = Fraction(cfg.sample_rate, source_rate)
+        x = resample_poly(x, fr.numerator, fr.denominator).astype(np.float32)
+    return x[:, None]
 
 
 def fbank(samples: np.ndarray, cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from privasr.config import TrainConfig
 from privasr.data.dataset import AsrDataset, compute_features
@@ -16,7 +16,8 @@ from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
 from privasr.data.synth import SynthConfig, synthesize_corpus
 from privasr.data.tokenizer import CharTokenizer
 
-__all__ = ["manifest_paths", "ensure_corpus", "load_split"]
+__all__ = ["manifest_paths", "ensure_corpus", "load_split", "feature_config",
+           "hf_ctc_output_frames"]
 
 
 def manifest_paths(cfg: TrainConfig) -> dict[str, Path]:
@@ -43,16 +44,42 @@ def ensure_corpus(cfg: TrainConfig, log=print) -> None:
     log(f"corpus: {json.dumps(summary)}")
 
 
+def feature_config(cfg: TrainConfig, speed: float = 1.0) -> FeatureConfig:
+    """The features the recipe's model takes: fbank (Conformer-CTC) or the 16 kHz waveform
+    (``model.family=hf_ctc``)."""
+    if cfg.model.family == "hf_ctc":
+        return FeatureConfig(kind="waveform", speed=speed)
+    return FeatureConfig(speed=speed)
+
+
+def hf_ctc_output_frames(model_dir: str | Path) -> Callable[[int], int]:
+    """n input samples -> output frames of the transformers CTC model in ``model_dir`` (its
+    convolutional feature encoder's lengths, read from config.json)."""
+    p = Path(model_dir) / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"model.path={model_dir}: no config.json (model.family=hf_ctc "
+                                f"needs a local transformers model directory)")
+    conf = json.loads(p.read_text())
+    layers = list(zip(conf["conv_kernel"], conf["conv_stride"]))
+
+    def frames(n: int) -> int:
+        for k, s in layers:
+            n = (n - k) // s + 1
+        return max(n, 0)
+    return frames
+
+
 def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
                limit: int | None = None, speeds: Sequence[float] = ()) -> AsrDataset:
-    """A manifest's utterances with cached features, plus speed-perturbed copies if asked."""
+    """A manifest's utterances with cached features (``feature_config``), plus speed-perturbed
+    copies if asked."""
     utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
     if limit is not None:
         utts = utts[:limit]
     utts = validate(utts, on_error=cfg.data.on_error, report=report)
     all_utts, all_feats, source_of = [], [], {}
     for speed in (1.0, *speeds):
-        feats = compute_features(utts, FeatureConfig(speed=speed), cache_dir=path.parent / "feats",
+        feats = compute_features(utts, feature_config(cfg, speed), cache_dir=path.parent / "feats",
                                  workers=cfg.data.feature_workers, progress=cfg.progress,
                                  desc=f"features {path.name}" + (f" x{speed}" if speed != 1 else ""))
         all_feats += feats
@@ -63,4 +90,6 @@ def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipRep
             all_utts.append(dataclasses.replace(u, id=f"{u.id}_sp{speed}",
                                                 duration=u.duration / speed))
             source_of[all_utts[-1].id] = u.id
-    return AsrDataset(all_utts, all_feats, tok, report=report, source_of=source_of)
+    frames = hf_ctc_output_frames(cfg.model.path) if cfg.model.family == "hf_ctc" else None
+    return AsrDataset(all_utts, all_feats, tok, report=report, source_of=source_of,
+                      output_frames=frames)

@@ -44,11 +44,15 @@ class AdaptedBlock(nn.Module):
 
 
 def add_adapters(model: nn.Module, dim: int) -> int:
-    """Put an adapter after every block of ``model.encoder.blocks``; return how many."""
-    blocks = getattr(getattr(model, "encoder", None), "blocks", None)
+    """Put an adapter after every block of ``model.encoder.blocks`` (or of the blocks
+    ``model.peft_blocks()`` names, with their width); return how many."""
+    if hasattr(model, "peft_blocks"):
+        blocks, d = model.peft_blocks()
+    else:
+        blocks = getattr(getattr(model, "encoder", None), "blocks", None)
+        d = getattr(getattr(model, "cfg", None), "d_model", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError("adapters need a model with encoder.blocks (a ModuleList of blocks)")
-    d = model.cfg.d_model
     for i in range(len(blocks)):
         blocks[i] = AdaptedBlock(blocks[i], d, dim)
     return len(blocks)

@@ -19,14 +19,36 @@ from torch import nn
 
 from privasr.peft.adapters import add_adapters
 from privasr.peft.bitfit import bitfit_names
-from privasr.config import METHODS, FinetuneConfig
+from privasr.config import DEFAULT_LORA_TARGETS, METHODS, FinetuneConfig
 from privasr.peft.lora import add_lora, lora_layers, merge_lora
 
 __all__ = ["HEAD", "apply_peft", "load_pretrained", "prepare_model", "rebuild", "merge_lora",
-           "peft_summary"]
+           "peft_summary", "head_of", "lora_targets_of"]
 
 HEAD = "ctc_head"
 STRUCTURAL = ("lora", "rp", "adapters")  # methods that add modules (a checkpoint needs them)
+
+
+def head_of(model: nn.Module) -> str:
+    """The CTC head's module name: ``model.head_name`` (``hf.lm_head`` for a transformers
+    model, privasr.models.hf_ctc), else ``ctc_head`` (the Conformer-CTC)."""
+    return getattr(model, "head_name", HEAD)
+
+
+def lora_targets_of(model: nn.Module, fc: FinetuneConfig) -> list[str]:
+    """``finetune.lora_targets``; left at the Conformer default, a model with its own module
+    names (``model.default_lora_targets``, e.g. the transformers q/k/v/out projections and
+    feed-forward linears) gets its own default instead."""
+    default = getattr(model, "default_lora_targets", None)
+    if default is not None and list(fc.lora_targets) == DEFAULT_LORA_TARGETS:
+        return list(default)
+    return list(fc.lora_targets)
+
+
+def _always_frozen(model: nn.Module, names: list[str]) -> set[str]:
+    """Names under the model's ``frozen_prefixes()`` (e.g. a frozen feature encoder)."""
+    prefixes = tuple(getattr(model, "frozen_prefixes", lambda: ())())
+    return {n for n in names if prefixes and n.startswith(prefixes)}
 
 
 def _check_method(method: str) -> None:
@@ -54,7 +76,7 @@ def load_pretrained(model: nn.Module, path: str, *, keep_head: bool = False) -> 
         raise ValueError(f"init={path}: the checkpoint has weights this model lacks, e.g. "
                          f"{extra[:3]} (it was trained with peft={peft}); initialise from a "
                          f"plain checkpoint, e.g. the merged.pt a LoRA run writes")
-    wanted = [k for k in mine if not k.startswith(HEAD + ".") or keep_head]
+    wanted = [k for k in mine if not k.startswith(head_of(model) + ".") or keep_head]
     size = f"model.size must match the pre-trained model ({(ck.get('config') or {}).get('model')})"
     missing = [k for k in wanted if k not in state]
     if missing:
@@ -78,19 +100,21 @@ def apply_peft(model: nn.Module, method: str, fc: FinetuneConfig) -> dict[str, A
         for p in model.parameters():
             p.requires_grad_(False)
         if method == "lora":
-            add_lora(model, fc.lora_targets, rank=fc.lora_rank, alpha=fc.lora_alpha)
+            add_lora(model, lora_targets_of(model, fc), rank=fc.lora_rank, alpha=fc.lora_alpha)
         elif method == "rp":
-            add_lora(model, fc.lora_targets, rank=fc.lora_rank, alpha=fc.lora_alpha,
+            add_lora(model, lora_targets_of(model, fc), rank=fc.lora_rank, alpha=fc.lora_alpha,
                      train_a=False)
         elif method == "adapters":
             add_adapters(model, fc.adapter_dim)
         names = [n for n, p in model.named_parameters()]
-        train = [n for n in names if n.startswith(HEAD + ".")]
+        train = [n for n in names if n.startswith(head_of(model) + ".")]
         if method == "bitfit":
             train += bitfit_names(model, norms=fc.bitfit_norms)
         # parameters the method created are trainable as created (rp keeps its A frozen)
         new = {n for n, p in model.named_parameters() if p.requires_grad}
         train += sorted(new)
+    frozen = _always_frozen(model, train)
+    train = [n for n in train if n not in frozen]
     for pat in fc.extra_trainable:
         hit = [n for n, _ in model.named_parameters() if fnmatchcase(n, pat)]
         if not hit:

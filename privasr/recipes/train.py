@@ -10,7 +10,8 @@ from privasr.atomic import atomic_write_text
 from privasr.config import TrainConfig, to_dict
 from privasr.data.dataset import AsrDataset
 from privasr.data.manifest import SkipReport
-from privasr.data.splits import ensure_corpus, load_split, manifest_paths
+from privasr.data.splits import (ensure_corpus, feature_config, hf_ctc_output_frames,
+                                 load_split, manifest_paths)
 from privasr.data.tokenizer import CharTokenizer
 from privasr.decoding.evaluate import evaluate
 from privasr.errors import PolicyError
@@ -48,6 +49,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         log = log if ctx.is_main else (lambda *a, **k: None)
     threads = set_threads(cfg.threads or (0 if ctx is None else D.threads_per_rank(ctx)))
     torch.manual_seed(cfg.seed)
+    cfg = model_family_setup(cfg, log)
     paths = manifest_paths(cfg)
     tok = CharTokenizer()
     report = SkipReport()
@@ -59,9 +61,11 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         canary_info = None
         if cfg.audit.canaries:  # memorization audit: inserted canaries (×r) join training only
             from privasr.audit.insertion import add_canaries
-            train_ds, canary_info = add_canaries(train_ds, cfg.audit.canaries, tok,
-                                                 others={"dev": dev_ds, "test": test_ds},
-                                                 log=log)
+            hf = cfg.model.family == "hf_ctc"
+            train_ds, canary_info = add_canaries(
+                train_ds, cfg.audit.canaries, tok, others={"dev": dev_ds, "test": test_ds},
+                features=feature_config(cfg),
+                output_frames=hf_ctc_output_frames(cfg.model.path) if hf else None, log=log)
     if report.total:
         log(f"data: {report.summary()}")
     if len(train_ds) == 0:
@@ -140,6 +144,25 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     write_run_report(cfg.out_dir, results)
     D.finish(ctx)
     return results
+
+
+def model_family_setup(cfg: TrainConfig, log=print) -> TrainConfig:
+    """``model.family=hf_ctc``: check ``model.path`` before any data work, and turn SpecAugment
+    off (it masks fbank bins and frames; the waveform features have one "bin", so a frequency
+    mask would silence a whole utterance). The data splits then load waveforms."""
+    if cfg.model.family != "hf_ctc":
+        return cfg
+    import dataclasses
+
+    from privasr.models.hf_ctc import check_model_dir, require_transformers
+
+    require_transformers()
+    check_model_dir(cfg.model.path)
+    if cfg.augment.specaugment:
+        log("model.family=hf_ctc: augment.specaugment off (waveform features)")
+        cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment,
+                                                                   specaugment=False))
+    return cfg
 
 
 def _protects(cfg: TrainConfig, setup) -> str:
