@@ -168,8 +168,8 @@ def wave_batches():
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
-@pytest.mark.parametrize("scope", ["global", "uniform"])
-@pytest.mark.parametrize("unit", ["example", "microbatch", "speaker"])
+@pytest.mark.parametrize("scope", ["global", "uniform", "layers"])
+@pytest.mark.parametrize("unit", ["example", "microbatch", "core", "speaker", "batch"])
 def test_engines_match_reference(w2v_dir, wave_batches, unit, scope, peft):
     model = load_hf_ctc(w2v_dir, V).eval().double()
     if peft == "lora":
