@@ -65,8 +65,13 @@ def test_adaptive_factors_rescale_every_unit_to_the_smallest_norm(units, mode):
     c, flags = adaptive_bound(layer.square().sum(1).sqrt(), spec)
     totals = layer.square().sum(1).sqrt()
     assert c == float(totals.min())
-    for u in range(len(units)):                # APCC: plain clipping at C_t = min_u ‖g_u‖
-        want, _ = plain_clip(units[u], mode, c, [])
+    for u, row in enumerate(units):   # APCC: every unit rescaled to C_t = min_u ‖g_u‖
+        total = math.sqrt(sum(x * x for x in row))
+        if mode == "global":
+            want = [c / total] * len(row)
+        else:                          # every tensor to C_t/√L (the unit at the minimum too)
+            want = [c / math.sqrt(len(row)) / (x + UNIFORM_EPS)
+                    if x > UNIFORM_ZERO_RTOL * total else 0.0 for x in row]
         torch.testing.assert_close(f[u] * c, torch.tensor(want, dtype=torch.float64),
                                    rtol=1e-9, atol=1e-12)
     assert flags.tolist() == ((totals > c).tolist() if mode == "global" else [True] * len(units))
