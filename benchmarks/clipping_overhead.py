@@ -44,7 +44,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from interleave import add_step_arguments, interleave  # noqa: E402
+from interleave import (add_step_arguments, interleave, interleave_processes,  # noqa: E402
+                        spread)
 from train_throughput import make_batch  # noqa: E402
 
 from privasr.clipping.policy import ClipPolicy  # noqa: E402
@@ -344,6 +345,18 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
     return {"phases_s_per_step": phases, "top_ops_by_self_cpu": table}
 
 
+def make_step(name: str, settings: dict) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A variant's (step, sync) in a fresh worker process (``interleave_processes``): the same
+    seeded init and batch as in the parent."""
+    global DEVICE
+    DEVICE = torch.device(settings["device"])
+    torch.set_num_threads(settings["threads"])
+    batch = make_batch(settings["batch"], settings["seconds"], DEVICE)
+    init = {k: v.clone() for k, v in build_model(settings["size"]).state_dict().items()}
+    _, step, _ = build_variant(name, settings["size"], batch, init)
+    return step, _sync
+
+
 # ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -355,6 +368,9 @@ def main() -> None:
     ap.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help="cpu (the issue's target) or cuda")
     ap.add_argument("--out", default=None, help="default: results/clipping_overhead[_cuda].json")
+    ap.add_argument("--shared-process", action="store_true",
+                    help="time every variant in this process (default: one worker process "
+                         "per variant, see benchmarks/interleave.py)")
     a = ap.parse_args()
     if a.memory_variant:
         return memory_child(a)
@@ -412,8 +428,18 @@ def main() -> None:
     info["variants"] = build_info
     names = [v for v in a.variants if v in steps]
 
-    print(f"warm-up ({a.warmup} steps each), then {a.rounds} interleaved rounds ...")
-    raw = interleave({v: steps[v] for v in names}, a.rounds, a.warmup, _sync)
+    print(f"warm-up ({a.warmup} steps each), then {a.rounds} interleaved rounds "
+          f"({'one shared process' if a.shared_process else 'one process per variant'}) ...")
+    info["settings"]["isolation"] = ("shared process" if a.shared_process
+                                     else "one spawned worker process per variant")
+    if a.shared_process:
+        raw = interleave({v: steps[v] for v in names}, a.rounds, a.warmup, _sync)
+    else:
+        steps.clear()                   # free the parent's copies; the workers build their own
+        raw = interleave_processes("clipping_overhead:make_step", names,
+                                   {"device": a.device, "threads": a.threads, "batch": a.batch,
+                                    "seconds": a.seconds, "size": a.size},
+                                   a.rounds, a.warmup)
 
     med = {v: {k: statistics.median(raw[v][k]) for k in ("wall_s", "cpu_s")} for v in names}
     res = {v: {"raw_wall_s": raw[v]["wall_s"], "raw_cpu_s": raw[v]["cpu_s"],
@@ -424,8 +450,9 @@ def main() -> None:
         out = {}
         for k, short in (("wall_s", "wall"), ("cpu_s", "cpu")):
             out[f"ratio_of_medians_{short}"] = med[v][k] / med[base][k]
-            out[f"median_of_round_ratios_{short}"] = statistics.median(
-                x / y for x, y in zip(raw[v][k], raw[base][k]))
+            per_round = [x / y for x, y in zip(raw[v][k], raw[base][k])]
+            out[f"median_of_round_ratios_{short}"] = statistics.median(per_round)
+            out[f"round_ratios_{short}_spread"] = spread(per_round)
         return out
 
     if BASELINE in names:
