@@ -341,6 +341,17 @@ def test_secure_noise_is_standard_normal_and_unseeded():
         GaussianNoise(generator=torch.Generator(), secure=True)
 
 
+def test_secure_bytes_are_fresh_and_uniform():
+    from privasr.clipping.noise import secure_bytes
+
+    a, b = secure_bytes(1 << 16), secure_bytes(1 << 16)
+    assert len(a) == 1 << 16 and a != b                      # a fresh key and nonce per draw
+    counts = torch.bincount(torch.frombuffer(bytearray(a), dtype=torch.uint8).long(),
+                            minlength=256).double()
+    chi2 = float(((counts - 256) ** 2 / 256).sum())         # 255 degrees of freedom
+    assert 150 < chi2 < 380
+
+
 def test_seeded_noise_reproducible():
     a = GaussianNoise(generator=torch.Generator().manual_seed(3)).sample((5, 4), 2.0)
     b = GaussianNoise(generator=torch.Generator().manual_seed(3)).sample((5, 4), 2.0)
