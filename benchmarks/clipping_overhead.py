@@ -8,6 +8,7 @@ Variants (same model init, same batch, same per-example CTC loss, AdamW(lr=1e-4)
 
     nonprivate      BatchClipGradient(max_norm=5) -- mean loss, global-norm clipping
     per_example     ClippedGradient(unit=example, C=1, sigma=1, E[B]=16, engine="bookkeeping")
+    per_example_secure  as per_example with secure_noise=True (the CSPRNG noise of a DP run)
     microbatch      ClippedGradient(unit=microbatch, m=4, C=1, sigma=1, E[B]=16, "bookkeeping")
     per_example_vmap  as per_example with engine="vectorized" (vmap per-example gradients)
     opacus_hooks    Opacus PrivacyEngine.make_private(grad_sample_mode="hooks"), C=1, sigma=1
@@ -55,7 +56,8 @@ from privasr.models.conformer import ConformerCTC, config_for, count_parameters 
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
 from privasr.models.loss import per_example_ctc  # noqa: E402
 
-VARIANTS = ("nonprivate", "per_example", "microbatch", "per_example_vmap", "opacus_hooks",
+VARIANTS = ("nonprivate", "per_example", "per_example_secure", "microbatch", "per_example_vmap",
+            "opacus_hooks",
             "opacus_ghost")
 ENGINE = "bookkeeping"      # privasr's per-example engine for per_example / microbatch
 BASELINE = "nonprivate"
@@ -112,7 +114,8 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
     model = build_model(size, init)
     ebs = len(batch)
     info: dict = {}
-    if name in ("nonprivate", "per_example", "microbatch", "per_example_vmap"):
+    if name in ("nonprivate", "per_example", "per_example_secure", "microbatch",
+                "per_example_vmap"):
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         if name == "nonprivate":
             strat = BatchClipGradient(max_norm=5.0)
@@ -122,8 +125,10 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
                    ClipPolicy(unit="microbatch", microbatch_size=MICRO, clip_norm=CLIP,
                               noise_multiplier=sigma, expected_batch_size=ebs))
             engine = "vectorized" if name == "per_example_vmap" else ENGINE
-            strat = ClippedGradient(pol, engine=engine)
+            secure = name == "per_example_secure"    # the noise a DP run really draws
+            strat = ClippedGradient(pol, engine=engine, secure_noise=secure)
             info["engine"] = engine
+            info["secure_noise"] = secure
             info["policy"] = pol.to_dict()
 
         def step() -> None:

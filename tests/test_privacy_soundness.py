@@ -225,6 +225,7 @@ def _released(policy, norms):
                   torch.ones(len(norms), dtype=torch.long))
     strat = ClippedGradient(policy, "reference", secure_noise=True)
     strat.noise.sample = lambda shape, std, **kw: torch.zeros(shape)   # read the noiseless value
+    strat.noise.sample_many = lambda shapes, std, **kw: [torch.zeros(s) for s in shapes]
     strat.fill_grads(model, [batch] if len(norms) else [], dirac_loss)
     grad = model.linear.weight.grad.flatten() * policy.expected_units
     frac = policy.target_quantile - math.log(strat.clip_norm / policy.clip_norm) / policy.quantile_lr

@@ -87,3 +87,15 @@ class GaussianNoise:
             z = torch.randn(shape, generator=gen, device=gen.device, dtype=dtype)
             return (z * std).to(device)
         return torch.randn(shape, generator=gen, device=device, dtype=dtype) * std
+
+    def sample_many(self, shapes: list[torch.Size], std: float, *,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> list[torch.Tensor]:
+        """One draw per shape, in order. Secure noise is drawn as ONE vector and split (one
+        key and nonce for all the tensors of a step, not one per tensor); seeded noise draws
+        tensor by tensor, so its numbers do not depend on how the tensors are grouped."""
+        if not self.secure:
+            return [self.sample(s, std, device=device, dtype=dtype) for s in shapes]
+        sizes = [math.prod(s) for s in shapes]
+        flat = (secure_standard_normal(sum(sizes)) * std).to(device=device, dtype=dtype)
+        return [z.view(s) for z, s in zip(torch.split(flat, sizes), shapes)]

@@ -60,8 +60,11 @@ class Release:
         """``tensors`` + std·ξ·scale, one draw per tensor in order (new tensors)."""
         if std <= 0:
             return list(tensors)
-        return [t + self.noise.sample(t.shape, std, device=t.device, dtype=t.dtype) * scale
-                for t in tensors]
+        if not tensors:
+            return []
+        draws = self.noise.sample_many([t.shape for t in tensors], std,
+                                       device=tensors[0].device, dtype=tensors[0].dtype)
+        return [t + z * scale for t, z in zip(tensors, draws)]
 
     def count_noise(self) -> float:
         """The quantile count's draw N(0, σ_b²), after the gradient's (0 when not noised)."""
