@@ -169,6 +169,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     try:
         if dataclasses.is_dataclass(tp):
             return from_dict(tp, value, prefix=key + ".")
+        if origin in (tuple, list) and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
         if origin is tuple:
             args = typing.get_args(tp)
             if len(args) != len(value):
@@ -177,11 +179,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if origin is list:
             (arg,) = typing.get_args(tp)
             return [_coerce(arg, v, key) for v in value]
-        if origin in (typing.Union, types.UnionType):
-            return value
+        if origin in (typing.Union, types.UnionType):     # X | None: None, or coerced to X
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if value is None or len(args) != 1:
+                return value
+            return _coerce(args[0], value, key)
         if tp is bool and not isinstance(value, bool):
             raise TypeError
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp is float and isinstance(value, str):       # YAML 1.1 reads 1e-5 as a string
             return float(value)
         if tp in (int, float, str) and not isinstance(value, tp):
             raise TypeError
