@@ -40,17 +40,24 @@ def interleave(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
         sync()
         return time.perf_counter() - w, time.process_time() - c
 
-    for v in steps:
+    return round_robin(list(steps), timed, rounds, warmup)
+
+
+def round_robin(names: list[str], timed: Callable[[str], tuple[float, float]], rounds: int,
+                warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Warm-up steps of every variant, then ``rounds`` rounds A, B, C, ...; ``timed(v)`` runs
+    one step of v and returns its (wall, CPU) seconds."""
+    for v in names:
         for _ in range(warmup):
             timed(v)
-    raw = {v: {"wall_s": [], "cpu_s": []} for v in steps}
+    raw = {v: {"wall_s": [], "cpu_s": []} for v in names}
     for r in range(rounds):
-        for v in steps:
+        for v in names:
             w, c = timed(v)
             raw[v]["wall_s"].append(w)
             raw[v]["cpu_s"].append(c)
         print(f"  round {r + 1}/{rounds}: " +
-              "  ".join(f"{v} {raw[v]['wall_s'][-1]:.3f}s" for v in steps), flush=True)
+              "  ".join(f"{v} {raw[v]['wall_s'][-1]:.3f}s" for v in names), flush=True)
     return raw
 
 
@@ -90,17 +97,7 @@ def interleave_processes(factory: str, names: list[str], settings: dict[str, Any
         return conn.recv()
 
     try:
-        for v in names:
-            for _ in range(warmup):
-                timed(v)
-        raw = {v: {"wall_s": [], "cpu_s": []} for v in names}
-        for r in range(rounds):
-            for v in names:
-                w, c = timed(v)
-                raw[v]["wall_s"].append(w)
-                raw[v]["cpu_s"].append(c)
-            print(f"  round {r + 1}/{rounds}: " +
-                  "  ".join(f"{v} {raw[v]['wall_s'][-1]:.3f}s" for v in names), flush=True)
+        raw = round_robin(names, timed, rounds, warmup)
     finally:
         for proc, conn in workers.values():
             conn.send("stop")
