@@ -38,6 +38,11 @@ class FinetuneConfig:
     adapter_dim: int = 32  # bottleneck width of the residual adapter after each block
     bitfit_norms: bool = True  # BitFit also trains LayerNorm gains (biases always)
     extra_trainable: list[str] = field(default_factory=list)  # fnmatch parameter names
+    # > 0: the method trains only in the top k encoder blocks (and the head); 0: every block
+    top_blocks: int = 0
+    # run the frozen front end + blocks below the lowest trainable one once per utterance and
+    # train on their cached outputs (privasr.peft.frozen_prefix); off when SpecAugment is on
+    cache_frozen: bool = True
 
 
 @dataclass

@@ -136,13 +136,13 @@ def _trim(b: Batch) -> Batch:
     t = int(b.feat_lens.max())
     s = max(1, int(b.target_lens.max())) if b.targets.shape[1] else 0
     return Batch(list(b.ids), b.feats[:, :t], b.feat_lens, b.targets[:, :s], b.target_lens,
-                 b.speakers)
+                 b.speakers, b.seconds_per_frame)
 
 
 def batch_rows(b: Batch, start: int, stop: int) -> Batch:
     return _trim(Batch(b.ids[start:stop], b.feats[start:stop], b.feat_lens[start:stop],
                        b.targets[start:stop], b.target_lens[start:stop],
-                       b.speakers_of(range(start, stop))))
+                       b.speakers_of(range(start, stop)), b.seconds_per_frame))
 
 
 def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch:
@@ -161,7 +161,8 @@ def _gather(batches: Sequence[Batch], where: Sequence[tuple[int, int]]) -> Batch
         [b.speakers[r] for b, r in rows]
     return Batch([b.ids[r] for b, r in rows], feats,
                  torch.stack([b.feat_lens[r] for b, r in rows]), targets,
-                 torch.stack([b.target_lens[r] for b, r in rows]), speakers)
+                 torch.stack([b.target_lens[r] for b, r in rows]), speakers,
+                 ref.seconds_per_frame)
 
 
 def check_losses(losses: Tensor, n: int) -> Tensor:

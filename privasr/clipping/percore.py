@@ -109,7 +109,7 @@ def select_rows(b: Batch, keep: list[int]) -> Batch:
     lens, tl = b.feat_lens[idx], b.target_lens[idx]
     t, s = int(lens.max()), max(1, int(tl.max()))
     return Batch([b.ids[i] for i in keep], b.feats[idx, :t], lens, b.targets[idx, :s], tl,
-                 b.speakers_of(keep))
+                 b.speakers_of(keep), b.seconds_per_frame)
 
 
 def shard_batches(batches: Sequence[Batch], mine: Callable[[int], bool]) -> list[Batch]:

@@ -71,13 +71,17 @@ class Batch:
     targets: torch.Tensor
     target_lens: torch.Tensor
     speakers: list[str] | None = None   # one per row (what unit=speaker groups by)
+    # seconds per frame when ``feats`` are not audio features (e.g. a frozen encoder prefix's
+    # outputs, privasr.peft.frozen_prefix); None: from the features' width
+    seconds_per_frame: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, self.feats.to(device), self.feat_lens.to(device),
-                     self.targets.to(device), self.target_lens.to(device), self.speakers)
+                     self.targets.to(device), self.target_lens.to(device), self.speakers,
+                     self.seconds_per_frame)
 
     def speakers_of(self, rows: Sequence[int]) -> list[str] | None:
         """The speakers of ``rows`` (None when the batch carries none)."""
@@ -86,6 +90,8 @@ class Batch:
     @property
     def frame_seconds(self) -> float:
         """Seconds per feature frame: 0.01 for fbank, 1/16000 for waveform (width-1) features."""
+        if self.seconds_per_frame is not None:
+            return self.seconds_per_frame
         return frame_seconds(self.feats.shape[-1])
 
     @property
@@ -116,7 +122,9 @@ class AsrDataset:
                  tokenizer: CharTokenizer, *, subsampling: int = 4,
                  report: SkipReport | None = None,
                  source_of: dict[str, str] | None = None,
-                 output_frames: Callable[[int], int] | None = None) -> None:
+                 output_frames: Callable[[int], int] | None = None,
+                 seconds_per_frame: float | None = None) -> None:
+        self.seconds_per_frame = seconds_per_frame
         if output_frames is None:
             def output_frames(n: int) -> int:
                 return ctc_output_frames(n, subsampling)
@@ -158,7 +166,20 @@ class AsrDataset:
     @property
     def frame_seconds(self) -> float:
         """Seconds per feature frame (0.01 for fbank; see the class docstring)."""
+        if self.seconds_per_frame is not None:
+            return self.seconds_per_frame
         return frame_seconds(self.feats[0].shape[-1]) if self.feats else 0.01
+
+    def with_features(self, feats: Sequence[torch.Tensor], seconds_per_frame: float
+                      ) -> "AsrDataset":
+        """The same utterances, targets and units with other per-utterance inputs (e.g. a
+        frozen encoder prefix's outputs), ``seconds_per_frame`` seconds of audio per row."""
+        if len(feats) != len(self.feats):
+            raise ValueError(f"{len(feats)} feature tensors for {len(self.feats)} utterances")
+        new = object.__new__(AsrDataset)
+        new.__dict__.update(self.__dict__)
+        new.feats, new.seconds_per_frame = list(feats), seconds_per_frame
+        return new
 
     @property
     def durations(self) -> list[float]:
@@ -177,7 +198,7 @@ class AsrDataset:
         return Batch([self.utts[i].id for i in indices], x,
                      torch.tensor([f.shape[0] for f in feats]), y,
                      torch.tensor([len(t) for t in tg]),
-                     [self.utts[i].speaker for i in indices])
+                     [self.utts[i].speaker for i in indices], self.seconds_per_frame)
 
 
 class DurationBucketSampler:

@@ -193,22 +193,40 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    """(B, T, n_mels), (B,) -> (B, T', d_model), (B,)."""
+    """(B, T, n_mels), (B,) -> (B, T', d_model), (B,).
+
+    ``start_block = k > 0`` (a run-time setting, not saved): the inputs are already the
+    outputs of the front end and blocks ``0..k-1`` (``prefix(feats, lens, k)``, cached once per
+    utterance by ``privasr.peft.frozen_prefix`` when those are frozen), shape (B, T', d_model)
+    with T' lengths, and only blocks ``k..`` run.
+    """
 
     def __init__(self, cfg: ConformerConfig):
         super().__init__()
         self.subsample = Conv2dSubsampling(cfg.n_mels, cfg.d_model, cfg.sub_channels)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.start_block = 0
 
-    def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+    def prefix(self, feats: Tensor, feat_lens: Tensor, stop: int) -> tuple[Tensor, Tensor]:
+        """The front end and blocks ``0..stop-1``: (B, T', d_model), (B,) output lengths."""
         valid_in = length_mask(feat_lens, feats.shape[1])
         feats = feats.masked_fill(~valid_in[..., None], 0.0)      # hygiene: NaN/inf padding stays out
         x = self.subsample(feats)
         out_lens = conv_output_length(conv_output_length(feat_lens))
         x = self.dropout(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype))
         mask = length_mask(out_lens, x.shape[1])
-        for block in self.blocks:
+        for block in self.blocks[:stop]:
+            x = block(x, mask)
+        return x, out_lens
+
+    def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        k = self.start_block
+        if k == 0:
+            return self.prefix(feats, feat_lens, len(self.blocks))
+        x, out_lens = feats, feat_lens
+        mask = length_mask(out_lens, x.shape[1])
+        for block in self.blocks[k:]:
             x = block(x, mask)
         return x, out_lens
 
@@ -225,6 +243,8 @@ class ConformerCTC(nn.Module):
         self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def output_lengths(self, feat_lens: Tensor) -> Tensor:
+        if self.encoder.start_block:          # inputs are already block outputs
+            return feat_lens
         return conv_output_length(conv_output_length(feat_lens))
 
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:

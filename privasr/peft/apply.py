@@ -51,6 +51,26 @@ def _always_frozen(model: nn.Module, names: list[str]) -> set[str]:
     return {n for n in names if prefixes and n.startswith(prefixes)}
 
 
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ModuleList of the model's encoder blocks
+    (``model.peft_blocks()`` for a transformers model, else ``encoder.blocks``)."""
+    blocks = model.peft_blocks()[0] if hasattr(model, "peft_blocks") else \
+        getattr(getattr(model, "encoder", None), "blocks", None)
+    for name, mod in model.named_modules():
+        if mod is blocks and isinstance(mod, nn.ModuleList):
+            return name, mod
+    raise ValueError("finetune.top_blocks needs a model with encoder blocks (a ModuleList)")
+
+
+def in_top_blocks(model: nn.Module, names: list[str], k: int) -> list[str]:
+    """``names`` that are in the top ``k`` encoder blocks or the CTC head."""
+    prefix, blocks = block_list(model)
+    if not 0 < k <= len(blocks):
+        raise ValueError(f"finetune.top_blocks={k}: the model has {len(blocks)} blocks")
+    keep = tuple(f"{prefix}.{i}." for i in range(len(blocks) - k, len(blocks)))
+    return [n for n in names if n.startswith(keep) or n.startswith(head_of(model) + ".")]
+
+
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"peft={method!r}; valid methods: {', '.join(METHODS)}")
@@ -115,6 +135,8 @@ def apply_peft(model: nn.Module, method: str, fc: FinetuneConfig) -> dict[str, A
         train += sorted(new)
     frozen = _always_frozen(model, train)
     train = [n for n in train if n not in frozen]
+    if fc.top_blocks:
+        train = in_top_blocks(model, train, fc.top_blocks)
     for pat in fc.extra_trainable:
         hit = [n for n, _ in model.named_parameters() if fnmatchcase(n, pat)]
         if not hit:

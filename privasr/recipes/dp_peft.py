@@ -1,6 +1,6 @@
-"""The DP-PEFT experiment (issue 8, docs/peft.md): WER on the private test speakers for
-{zero-shot pre-trained, non-private full FT, DP full FT, DP BitFit, DP LoRA, DP adapters}
-× ε ∈ {1, 3, 10} at δ = min(1e-5, N^-1.1).
+"""The DP-PEFT experiment (docs/peft.md): WER on the private test speakers for
+{zero-shot pre-trained, non-private full FT (+ non-private PEFT), DP {full, bitfit, lora, rp,
+adapters, head}} × ε × seeds at δ = min(1e-5, N^-1.1).
 
     privasr dp-peft [RECIPE.yaml] [key=value ...]      # default: configs/dp_peft.yaml
     privasr dp-peft dp_peft device=cuda finetune_steps=300
@@ -12,8 +12,10 @@ Every run is an ordinary ``privasr train`` run (``configs/pretrain.yaml`` once, 
 ``configs/dp_finetune.yaml`` with ``init=<pretrain>/last.pt peft=METHOD``) in its own folder
 under ``out_dir``; a finished run with the same config is reused, an interrupted one resumes.
 After each run the rows are rewritten to ``results`` (a JSON list: method, epsilon (null when
-non-private), delta, test_wer, test_cer, trainable_params, step_seconds, ...) and
+non-private), delta, delta_times_n, seed, test_wer, test_cer, trainable_params, step_seconds,
+gap_closed = (zero-shot WER − WER) / (zero-shot WER − non-private full-FT WER), ...) and
 ``out_dir/report.html`` (table, WER-vs-ε plot) and ``out_dir/summary.json`` are refreshed.
+Runs go one at a time, so an interrupted experiment resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class DpPeftConfig:
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
     zero_shot: bool = True
     nonprivate: bool = True  # non-private full fine-tuning (same Poisson batches, no clipping)
+    nonprivate_peft: list[str] = field(default_factory=list)  # non-private runs of these methods
+    seeds: list[int] = field(default_factory=list)  # DP runs per (method, ε); default [seed]
+    method_overrides: dict = field(default_factory=dict)  # method -> extra key=value overrides
+    gap_targets: dict = field(default_factory=dict)  # ε -> gap_closed goal of the best method
     device: str = "auto"
     seed: int = 0
     pretrain_steps: int = 0  # 0: the recipe's optim.max_steps
@@ -60,9 +66,13 @@ def _check(cfg: DpPeftConfig) -> None:
     bad = [m for m in cfg.methods if m not in METHODS or m == "none"]
     if bad:
         raise ConfigError(f"methods: unknown {bad}; valid: {', '.join(METHODS[1:])}")
-    bad = [m for m in cfg.lr if m not in METHODS]
+    for name in ("lr", "method_overrides"):
+        bad = [m for m in getattr(cfg, name) if m not in METHODS]
+        if bad:
+            raise ConfigError(f"{name}: keys must be methods, got {bad}")
+    bad = [m for m in cfg.nonprivate_peft if m not in METHODS or m in ("none", "full")]
     if bad:
-        raise ConfigError(f"lr: keys must be methods, got {bad}")
+        raise ConfigError(f"nonprivate_peft: not PEFT methods: {bad}")
     if any(not isinstance(e, (int, float)) or e <= 0 for e in cfg.epsilons):
         raise ConfigError(f"epsilons must be positive numbers, got {cfg.epsilons}")
 
@@ -104,9 +114,11 @@ def step_seconds(run_dir: str | Path, fallback: float | None) -> float | None:
     return statistics.median(secs) if secs else fallback
 
 
-def _row(method: str, res: dict[str, Any], lr: float | None, run_dir: str) -> dict[str, Any]:
+def _row(method: str, res: dict[str, Any], lr: float | None, run_dir: str, seed: int
+         ) -> dict[str, Any]:
     p = res.get("privacy") or {}
     return {"method": method, "epsilon": None, "delta": p.get("delta"),
+            "delta_times_n": p.get("delta_times_n"), "seed": seed,
             "test_wer": res["test_wer"], "test_cer": res["test_cer"],
             "trainable_params": res["trainable_params"],
             "step_seconds": step_seconds(run_dir, res.get("step_seconds")),
@@ -116,8 +128,61 @@ def _row(method: str, res: dict[str, Any], lr: float | None, run_dir: str) -> di
             "test_speakers": res["test_speakers"], "device": res["device"], "run_dir": run_dir}
 
 
-def summarize(rows: list[dict[str, Any]], target_ratio: float) -> dict[str, Any]:
-    """The issue's two checks: WER ratio at the largest ε, and DP step time PEFT vs full."""
+def gap_closed(wer: float, zero_shot: float | None, nonprivate: float | None) -> float | None:
+    """(zero-shot WER − wer) / (zero-shot WER − non-private full-FT WER): 0 = no better than
+    the public model, 1 = as good as non-private fine-tuning; None without a positive gap."""
+    if zero_shot is None or nonprivate is None or zero_shot - nonprivate <= 0:
+        return None
+    return (zero_shot - wer) / (zero_shot - nonprivate)
+
+
+def _reference_wers(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    zs = next((r["test_wer"] for r in rows if r["method"] == "zero_shot"), None)
+    full = next((r["test_wer"] for r in rows if r["method"] == "full" and r["epsilon"] is None),
+                None)
+    return zs, full
+
+
+def with_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with ``gap_closed`` filled in (None until both references exist)."""
+    zs, full = _reference_wers(rows)
+    return [{**r, "gap_closed": None if r["method"] == "zero_shot" else
+             gap_closed(r["test_wer"], zs, full)} for r in rows]
+
+
+def by_epsilon(rows: list[dict[str, Any]], target_ratio: float,
+               gap_targets: dict[float, float]) -> dict[str, Any]:
+    """Per ε: each DP method's WER over seeds (mean, sd, per seed), the best method (lowest
+    mean WER), its gap_closed per seed and the goals it meets."""
+    _, full = _reference_wers(rows)
+    out: dict[str, Any] = {}
+    for eps in sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}):
+        methods: dict[str, Any] = {}
+        for m in dict.fromkeys(r["method"] for r in rows if r["epsilon"] == eps):
+            rs = [r for r in rows if r["epsilon"] == eps and r["method"] == m]
+            w = [r["test_wer"] for r in rs]
+            methods[m] = {"seeds": [r.get("seed") for r in rs], "test_wer": w,
+                          "mean_wer": statistics.fmean(w),
+                          "sd_wer": statistics.stdev(w) if len(w) > 1 else None,
+                          "gap_closed": [r.get("gap_closed") for r in rs]}
+        peft = {m: v for m, v in methods.items() if m != "full"} or methods
+        best = min(peft, key=lambda m: peft[m]["mean_wer"])
+        entry: dict[str, Any] = {"methods": methods, "best": best,
+                                 "best_gap_closed": methods[best]["gap_closed"]}
+        if full:
+            entry["best_wer_ratio_to_nonprivate_full"] = methods[best]["mean_wer"] / full
+        goal = {float(k): v for k, v in gap_targets.items()}.get(float(eps))
+        gaps = methods[best]["gap_closed"]
+        if goal is not None and gaps and all(g is not None for g in gaps):
+            entry["gap_target"] = goal
+            entry["gap_target_met"] = min(gaps) >= goal
+        out[f"{eps:g}"] = entry
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], target_ratio: float,
+              gap_targets: dict[float, float] | None = None) -> dict[str, Any]:
+    """The issue's checks: WER ratio and gap closed per ε, and DP step time PEFT vs full."""
     nonpriv = next((r for r in rows if r["method"] == "full" and r["epsilon"] is None), None)
     dp = [r for r in rows if r["epsilon"] is not None]
     out: dict[str, Any] = {"target_ratio": target_ratio}
@@ -141,6 +206,8 @@ def summarize(rows: list[dict[str, Any]], target_ratio: float) -> dict[str, Any]
     zs = next((r for r in rows if r["method"] == "zero_shot"), None)
     if zs is not None:
         out["zero_shot_wer"] = zs["test_wer"]
+    if dp:
+        out["by_epsilon"] = by_epsilon(with_gaps(rows), target_ratio, gap_targets or {})
     return out
 
 
@@ -157,8 +224,8 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
 
     def save() -> None:
         Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.results), json.dumps(rows, indent=1))
-        summary = {**summarize(rows, cfg.target_ratio), **extra}
+        atomic_write_text(Path(cfg.results), json.dumps(with_gaps(rows), indent=1))
+        summary = {**summarize(rows, cfg.target_ratio, cfg.gap_targets), **extra}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         write_peft_report(out, rows, summary)
 
@@ -166,6 +233,9 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         ckpt = pre_dir = Path(cfg.pretrained)
         if not ckpt.is_file():
             raise ConfigError(f"pretrained: {ckpt} is not a checkpoint file")
+        done = ckpt.parent / "results.json"      # the run that wrote it, if privasr trained it
+        if done.exists():
+            extra["pretrain_public_test_wer"] = json.loads(done.read_text()).get("test_wer")
     else:
         pre_dir = out / "pretrain"
         pre_over = [f"out_dir={pre_dir}", *common, *cfg.pretrain_overrides] + (
@@ -186,34 +256,38 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         log(f"zero-shot on the private test speakers: WER {zs['wer']:.3f} CER {zs['cer']:.3f}")
         save()
 
-    def lr_of(method: str) -> list[str]:
-        lr = cfg.lr.get(method)
-        return [f"optim.lr={lr}"] if lr else []
+    def method_args(method: str, lr: float | None) -> list[str]:
+        return [f"peft={method}", *cfg.method_overrides.get(method, [])] + (
+            [f"optim.lr={lr}"] if lr else [])
 
-    if cfg.nonprivate:
-        lr = cfg.nonprivate_lr or cfg.lr.get("full")
-        d = out / "full_nonprivate"
-        res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", "peft=full", "privacy.policy={}",
-                                  "privacy.target_epsilon=null"] +
-                   ([f"optim.lr={lr}"] if lr else []), log)
-        rows.append(_row("full", res, lr, str(d)))
+    nonprivate = (["full"] if cfg.nonprivate else []) + list(cfg.nonprivate_peft)
+    for method in nonprivate:
+        lr = (cfg.nonprivate_lr or cfg.lr.get("full")) if method == "full" else \
+            cfg.lr.get(method)
+        d = out / ("full_nonprivate" if method == "full" else f"{method}_nonprivate")
+        res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", *method_args(method, lr),
+                                  "privacy.policy={}", "privacy.target_epsilon=null"], log)
+        rows.append(_row(method, res, lr, str(d), cfg.seed))
+        log(f"non-private {method}: WER {res['test_wer']:.3f}")
         save()
     for eps in cfg.epsilons:
         for method in cfg.methods:
-            d = out / f"{method}_eps{eps:g}"
-            res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", f"peft={method}",
-                                      f"privacy.target_epsilon={eps}", *lr_of(method)], log)
-            if not res.get("privacy"):
-                raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with noise "
-                                  f"(the run in {d} had none)")
-            row = _row(method, res, cfg.lr.get(method), str(d))
-            row["epsilon"] = float(eps)
-            rows.append(row)
-            log(f"{method} ε={eps:g}: WER {row['test_wer']:.3f}, "
-                f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
-            save()
+            for seed in cfg.seeds or [cfg.seed]:
+                d = out / (f"{method}_eps{eps:g}" + (f"_s{seed}" if cfg.seeds else ""))
+                res = _run(cfg.finetune, [*ft_common, f"seed={seed}", f"out_dir={d}",
+                                          f"privacy.target_epsilon={eps}",
+                                          *method_args(method, cfg.lr.get(method))], log)
+                if not res.get("privacy"):
+                    raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with "
+                                      f"noise (the run in {d} had none)")
+                row = _row(method, res, cfg.lr.get(method), str(d), seed)
+                row["epsilon"] = float(eps)
+                rows.append(row)
+                log(f"{method} ε={eps:g} seed {seed}: WER {row['test_wer']:.3f}, "
+                    f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
+                save()
     save()
-    return rows
+    return with_gaps(rows)
 
 
 def run_recipe(recipe: str | Path | None, overrides: list[str] = (),

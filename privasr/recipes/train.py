@@ -18,6 +18,7 @@ from privasr.errors import PolicyError
 from privasr.models.build import build_model
 from privasr.models.conformer import count_parameters
 from privasr.peft.apply import finish_peft, prepare_model
+from privasr.peft.frozen_prefix import cache_prefix, cacheable_start, start_at
 from privasr.privacy.statement import privacy_statement, statement_text
 from privasr.train.strategies import build_setup
 from privasr.train.timing import TimedGradient
@@ -73,6 +74,15 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     model = build_model(cfg, tok.vocab_size)
     peft = prepare_model(cfg, model, log)       # init=CKPT (pre-trained encoder) and peft=...
     vocab = list(tok.symbols)
+    start = cacheable_start(cfg, model, log) if peft is not None else 0
+    if start:   # frozen front end + blocks < start: run once per utterance, train above them
+        device = pick_device(cfg.device)
+        train_ds, dev_ds = (cache_prefix(model.to(device), ds, start, device,
+                                         progress=cfg.progress, cache_dir=paths[s].parent /
+                                         "feats") for ds, s in ((train_ds, "train"),
+                                                                (dev_ds, "dev")))
+        start_at(model, start)
+        log(f"frozen prefix cached: training runs blocks {start}.. and the head only")
     setup = build_setup(cfg, train_ds, ctx)
     if canary_info and setup.policy is not None and setup.policy.unit == "speaker":
         raise PolicyError("audit.canaries with privacy.policy.unit=speaker: every inserted "
@@ -102,6 +112,8 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     if ctx is not None and not ctx.is_main:  # rank 0 evaluates and writes the results
         D.finish(ctx)
         return {"rank": ctx.rank, "steps": res.steps, "stopped": res.stopped}
+    if start:
+        start_at(trainer.model, 0)   # the final test: the whole model on the audio features
     test = evaluate(trainer.model, test_ds, vocab, device=trainer.device)
     privacy = None
     ledger = getattr(trainer.strategy, "ledger", None)
