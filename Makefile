@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PKGS := espeak-ng sox bible-kjv bible-kjv-text dict-devil pocketsphinx-testdata wamerican
+APT_PKGS := espeak-ng sox bible-kjv bible-kjv-text dict-devil pocketsphinx-testdata wamerican miscfiles
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt demo demo-quick test test-all bench clean

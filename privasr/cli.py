@@ -199,8 +199,10 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild over a corpus with other settings")
-    p.add_argument("--domain", choices=("public", "private"),
-                   help="a side of the public/private split (privasr.data.domains)")
+    from privasr.data.domains import DOMAINS
+
+    p.add_argument("--domain", choices=tuple(DOMAINS),
+                   help="a corpus domain of privasr.data.domains (public, private, assistant)")
 
 
 def _stats_args(p: argparse.ArgumentParser) -> None:

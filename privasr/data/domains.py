@@ -22,6 +22,14 @@ public model has a measurable zero-shot gap that fine-tuning closes. The Devil's
     privasr corpus synth --domain public  --out data/pubpriv/public  --hours 4 --speakers 420
     privasr corpus synth --domain private --out data/pubpriv/private --hours 1.8 --speakers 240
 
+The ``assistant`` domain is the large private domain of DP fine-tuning at scale: ~20,000
+training utterances of requests and dictation (names, amounts, dates, numbers read as words)
+generated from templates and Debian word lists (``privasr.data.assistant_text``), the private
+accents at pitch 76-99 and 160-190 wpm; fine-tuned from the demo model, whose corpus (all
+voices, pitch 25-75, Bible and Devil's Dictionary text) shares no speaker and no sentence with it:
+
+    privasr corpus synth --domain assistant --out data/assistant --hours 18 --speakers 240
+
 or let ``privasr train`` build them (``data.synth_domain: public|private`` in the recipe).
 """
 
@@ -40,6 +48,13 @@ DOMAINS: dict[str, dict] = {
     "private": dict(voices=("en-us-nyc", "en-gb-scotland", "en-029"),
                     rate_range=(155, 180), pitch_range=(45, 85), sources=("devil",),
                     speaker_prefix="prv", dev_fraction=0.05, test_fraction=0.10),
+    # issue 16's large private domain: unlimited template text (privasr.data.assistant_text),
+    # the private accents at pitch 76-99 -- above the demo corpus's 25-75, so no assistant
+    # speaker is a demo speaker and the demo model is public with respect to it
+    "assistant": dict(voices=("en-us-nyc", "en-gb-scotland", "en-029"),
+                      rate_range=(160, 190), pitch_range=(76, 99), sources=("assistant",),
+                      speaker_prefix="ast", min_words=4, max_words=12,
+                      dev_fraction=0.02, test_fraction=0.04),
 }
 
 
