@@ -486,7 +486,3 @@ def load_sentences(
                 seen.add(sent)
                 out.append(sent)
     return out
-
-
-# The template source registers itself; imported last (it uses the names above).
-from privasr.data import assistant_text as _assistant_text  # noqa: E402,F401
