@@ -141,3 +141,21 @@ def test_prefix_cache_on_disk_is_reused_and_keyed_by_the_frozen_weights(tmp_path
     changed = cache_prefix(model, ds, 2, "cpu", progress=False, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("prefix-*.pt"))) == 2
     assert not torch.equal(changed.feats[0], first.feats[0])
+
+
+def test_top_blocks_adds_modules_only_above_so_methods_share_one_prefix_cache():
+    from privasr.peft.frozen_prefix import prefix_key
+
+    ds = _dataset(2)
+    keys = set()
+    for method, fc in (("adapters", FinetuneConfig(adapter_dim=4, top_blocks=1)),
+                       ("lora", FinetuneConfig(lora_rank=2, top_blocks=1)),
+                       ("rp", FinetuneConfig(lora_rank=2, top_blocks=1)),
+                       ("bitfit", FinetuneConfig(top_blocks=1))):
+        model = _model()
+        apply_peft(model, method, fc)
+        names = [n for n, _ in model.named_parameters()]
+        assert not any((".adapter." in n or ".lora_" in n) and not n.startswith(
+            "encoder.blocks.2.") for n in names), method
+        keys.add(prefix_key(model, ds, 2))
+    assert len(keys) == 1

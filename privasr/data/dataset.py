@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -19,12 +20,16 @@ from privasr.data.manifest import SkipReport, Utterance, load_audio
 from privasr.data.tokenizer import CharTokenizer
 
 
-def _features_of(item: tuple[Utterance, FeatureConfig]) -> torch.Tensor:
+def _features_of(item: tuple[Utterance, FeatureConfig]) -> np.ndarray:
+    """fp16 features as a numpy array: worker processes return arrays, which are pickled by
+    value (torch tensors would each hold a shared-memory file descriptor in the parent, and
+    tens of thousands of them exhaust the descriptor limit: "received 0 items of ancdata")."""
     utt, cfg = item
     if cfg.kind == "waveform":
         x = waveform(speed_perturb(load_audio(utt), cfg.speed), cfg, utt.sampling_rate)
-        return torch.from_numpy(x).to(torch.float16)
-    return torch.from_numpy(fbank(speed_perturb(load_audio(utt), cfg.speed), cfg)).to(torch.float16)
+    else:
+        x = fbank(speed_perturb(load_audio(utt), cfg.speed), cfg)
+    return np.asarray(x).astype(np.float16)
 
 
 def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
@@ -51,10 +56,12 @@ def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConf
     if workers > 1:
         # spawn, not fork: forking after torch has started its thread pools can deadlock
         with mp.get_context("spawn").Pool(workers) as pool:
-            feats = list(tqdm(pool.imap(_features_of, items, chunksize=16), total=len(items),
-                              desc=desc, disable=not progress))
+            feats = [torch.from_numpy(x) for x in tqdm(
+                pool.imap(_features_of, items, chunksize=16), total=len(items), desc=desc,
+                disable=not progress)]
     else:
-        feats = [_features_of(i) for i in tqdm(items, desc=desc, disable=not progress)]
+        feats = [torch.from_numpy(_features_of(i))
+                 for i in tqdm(items, desc=desc, disable=not progress)]
     if path is not None:
         with atomic_path(path) as tmp:
             torch.save(feats, tmp)

@@ -43,9 +43,9 @@ class AdaptedBlock(nn.Module):
         return self.adapter(self.block(x, *args, **kwargs))
 
 
-def add_adapters(model: nn.Module, dim: int) -> int:
-    """Put an adapter after every block of ``model.encoder.blocks`` (or of the blocks
-    ``model.peft_blocks()`` names, with their width); return how many."""
+def add_adapters(model: nn.Module, dim: int, first: int = 0) -> int:
+    """Put an adapter after every block ``first..`` of ``model.encoder.blocks`` (or of the
+    blocks ``model.peft_blocks()`` names, with their width); return how many."""
     if hasattr(model, "peft_blocks"):
         blocks, d = model.peft_blocks()
     else:
@@ -53,6 +53,6 @@ def add_adapters(model: nn.Module, dim: int) -> int:
         d = getattr(getattr(model, "cfg", None), "d_model", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError("adapters need a model with encoder.blocks (a ModuleList of blocks)")
-    for i in range(len(blocks)):
+    for i in range(first, len(blocks)):
         blocks[i] = AdaptedBlock(blocks[i], d, dim)
-    return len(blocks)
+    return len(blocks) - first

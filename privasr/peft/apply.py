@@ -62,6 +62,19 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError("finetune.top_blocks needs a model with encoder blocks (a ModuleList)")
 
 
+def top_block_range(model: nn.Module, k: int
+                    ) -> tuple[int, Callable[[str], bool] | None]:
+    """(index of the first of the top ``k`` blocks, a test "is this module name in them?");
+    (0, None) for k = 0 (every block)."""
+    if not k:
+        return 0, None
+    prefix, blocks = block_list(model)
+    if not 0 < k <= len(blocks):
+        raise ValueError(f"finetune.top_blocks={k}: the model has {len(blocks)} blocks")
+    keep = tuple(f"{prefix}.{i}." for i in range(len(blocks) - k, len(blocks)))
+    return len(blocks) - k, lambda name: (name + ".").startswith(keep)
+
+
 def in_top_blocks(model: nn.Module, names: list[str], k: int) -> list[str]:
     """``names`` that are in the top ``k`` encoder blocks or the CTC head."""
     prefix, blocks = block_list(model)
@@ -119,13 +132,17 @@ def apply_peft(model: nn.Module, method: str, fc: FinetuneConfig) -> dict[str, A
     else:
         for p in model.parameters():
             p.requires_grad_(False)
+        # with top_blocks, modules are added only where they train: the frozen prefix stays
+        # the pre-trained network itself (one cached prefix for every method and seed)
+        first, within = top_block_range(model, fc.top_blocks)
         if method == "lora":
-            add_lora(model, lora_targets_of(model, fc), rank=fc.lora_rank, alpha=fc.lora_alpha)
+            add_lora(model, lora_targets_of(model, fc), rank=fc.lora_rank, alpha=fc.lora_alpha,
+                     within=within)
         elif method == "rp":
             add_lora(model, lora_targets_of(model, fc), rank=fc.lora_rank, alpha=fc.lora_alpha,
-                     train_a=False)
+                     train_a=False, within=within)
         elif method == "adapters":
-            add_adapters(model, fc.adapter_dim)
+            add_adapters(model, fc.adapter_dim, first=first)
         names = [n for n, p in model.named_parameters()]
         train = [n for n in names if n.startswith(head_of(model) + ".")]
         if method == "bitfit":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from fnmatch import fnmatchcase
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,9 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, targets: Sequence[str], *, rank: int, alpha: float,
-             train_a: bool = True) -> list[str]:
-    """Replace every ``nn.Linear`` whose module name matches a pattern by a ``LoRALinear``.
+             train_a: bool = True, within: Callable[[str], bool] | None = None) -> list[str]:
+    """Replace every ``nn.Linear`` whose module name matches a pattern (and, given ``within``,
+    for which ``within(name)`` holds) by a ``LoRALinear``.
 
     Returns the wrapped module names. Each pattern must match at least one linear layer.
     """
@@ -102,7 +103,7 @@ def add_lora(model: nn.Module, targets: Sequence[str], *, rank: int, alpha: floa
     if dead:
         raise ValueError(f"finetune.lora_targets pattern(s) {dead} match no nn.Linear module; "
                          f"linear layers are named like {linears[:6]}")
-    for n in chosen:
+    for n in chosen if within is None else [n for n in chosen if within(n)]:
         _set_child(model, n, LoRALinear(model.get_submodule(n), rank=rank, alpha=alpha,
                                         train_a=train_a))
     return chosen
