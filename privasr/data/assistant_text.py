@@ -100,8 +100,10 @@ def _amount(rng: random.Random) -> str:
     unit = rng.choice(("dollars", "pounds", "euros"))
     if rng.random() < 0.5:
         return f"{spell_number(dollars)} {unit}"
-    return f"{spell_number(dollars)} {unit} and {spell_number(rng.randint(1, 99))} cents" \
-        if unit == "dollars" else f"{spell_number(dollars)} {unit} {spell_number(rng.randint(1, 99))}"
+    cents = spell_number(rng.randint(1, 99))
+    if unit == "dollars":
+        return f"{spell_number(dollars)} {unit} and {cents} cents"
+    return f"{spell_number(dollars)} {unit} {cents}"
 
 
 def _date(rng: random.Random) -> str:

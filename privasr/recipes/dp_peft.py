@@ -47,6 +47,7 @@ class DpPeftConfig:
     zero_shot: bool = True
     nonprivate: bool = True  # non-private full fine-tuning (same Poisson batches, no clipping)
     nonprivate_peft: list[str] = field(default_factory=list)  # non-private runs of these methods
+    nonprivate_last: bool = False  # run the DP grid first (its rows land before the long FT)
     seeds: list[int] = field(default_factory=list)  # DP runs per (method, ε); default [seed]
     method_overrides: dict = field(default_factory=dict)  # method -> extra key=value overrides
     gap_targets: dict = field(default_factory=dict)  # ε -> gap_closed goal of the best method
@@ -260,32 +261,39 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         return [f"peft={method}", *cfg.method_overrides.get(method, [])] + (
             [f"optim.lr={lr}"] if lr else [])
 
-    nonprivate = (["full"] if cfg.nonprivate else []) + list(cfg.nonprivate_peft)
-    for method in nonprivate:
-        lr = (cfg.nonprivate_lr or cfg.lr.get("full")) if method == "full" else \
-            cfg.lr.get(method)
-        d = out / ("full_nonprivate" if method == "full" else f"{method}_nonprivate")
-        res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", *method_args(method, lr),
-                                  "privacy.policy={}", "privacy.target_epsilon=null"], log)
-        rows.append(_row(method, res, lr, str(d), cfg.seed))
-        log(f"non-private {method}: WER {res['test_wer']:.3f}")
-        save()
-    for eps in cfg.epsilons:
-        for method in cfg.methods:
-            for seed in cfg.seeds or [cfg.seed]:
-                d = out / (f"{method}_eps{eps:g}" + (f"_s{seed}" if cfg.seeds else ""))
-                res = _run(cfg.finetune, [*ft_common, f"seed={seed}", f"out_dir={d}",
-                                          f"privacy.target_epsilon={eps}",
-                                          *method_args(method, cfg.lr.get(method))], log)
-                if not res.get("privacy"):
-                    raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with "
-                                      f"noise (the run in {d} had none)")
-                row = _row(method, res, cfg.lr.get(method), str(d), seed)
-                row["epsilon"] = float(eps)
-                rows.append(row)
-                log(f"{method} ε={eps:g} seed {seed}: WER {row['test_wer']:.3f}, "
-                    f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
-                save()
+    def run_nonprivate() -> None:
+        nonprivate = (["full"] if cfg.nonprivate else []) + list(cfg.nonprivate_peft)
+        for method in nonprivate:
+            lr = (cfg.nonprivate_lr or cfg.lr.get("full")) if method == "full" else \
+                cfg.lr.get(method)
+            d = out / ("full_nonprivate" if method == "full" else f"{method}_nonprivate")
+            res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", *method_args(method, lr),
+                                      "privacy.policy={}", "privacy.target_epsilon=null"], log)
+            rows.append(_row(method, res, lr, str(d), cfg.seed))
+            log(f"non-private {method}: WER {res['test_wer']:.3f}")
+            save()
+
+    def run_dp() -> None:
+        for eps in cfg.epsilons:
+            for method in cfg.methods:
+                for seed in cfg.seeds or [cfg.seed]:
+                    d = out / (f"{method}_eps{eps:g}" + (f"_s{seed}" if cfg.seeds else ""))
+                    res = _run(cfg.finetune, [*ft_common, f"seed={seed}", f"out_dir={d}",
+                                              f"privacy.target_epsilon={eps}",
+                                              *method_args(method, cfg.lr.get(method))], log)
+                    if not res.get("privacy"):
+                        raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with "
+                                          f"noise (the run in {d} had none)")
+                    row = _row(method, res, cfg.lr.get(method), str(d), seed)
+                    row["epsilon"] = float(eps)
+                    rows.append(row)
+                    log(f"{method} ε={eps:g} seed {seed}: WER {row['test_wer']:.3f}, "
+                        f"{row['trainable_params']:,} trainable, {row['step_seconds']} s/step")
+                    save()
+
+    for part in ((run_dp, run_nonprivate) if cfg.nonprivate_last else
+                 (run_nonprivate, run_dp)):
+        part()
     save()
     return with_gaps(rows)
 
