@@ -198,7 +198,8 @@ def probe_independence(trainer: Trainer, train_ds: AsrDataset, strategy) -> None
     engine = getattr(getattr(strategy, "clipped", None), "engine", None)
     if engine is None:   # torchrun per-core: one local mean per rank, no per-example engine
         return
-    order = sorted(range(len(train_ds)), key=lambda i: train_ds.durations[i])[:4]
+    durations = train_ds.durations          # a property that builds the list: read it once
+    order = sorted(range(len(durations)), key=durations.__getitem__)[:4]
     batch = train_ds.collate(order).to(trainer.device)
     check_per_example_independence(trainer.model, batch, checked(trainer._loss), engine)
 
