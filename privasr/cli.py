@@ -102,6 +102,23 @@ def _corpus_librispeech(a: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_commonvoice(a: argparse.Namespace) -> int:
+    from privasr.data.commonvoice import default_audio_dir, import_commonvoice
+    from privasr.data.manifest import SkipReport
+    from privasr.data.stats import corpus_stats, format_stats
+
+    rep = SkipReport()
+    audio_dir = Path(a.audio_dir) if a.audio_dir else default_audio_dir(a.out)
+    utts = import_commonvoice(Path(a.dir), Path(a.out), split=a.split,
+                              on_error="skip" if a.skip_bad else "raise", report=rep,
+                              audio_dir=audio_dir, progress=sys.stderr.isatty())
+    print(f"wrote {a.out} (16 kHz FLAC clips in {audio_dir})")
+    print(format_stats(corpus_stats(utts)))
+    if rep.total:
+        print(rep.summary())
+    return 0
+
+
 def _train(a: argparse.Namespace) -> int:
     from privasr.config import load_config
     from privasr.recipes.train import run_training
@@ -216,6 +233,16 @@ def _librispeech_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad utterances")
 
 
+def _commonvoice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a Common Voice language folder (SPLIT.tsv, clips/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="validated",
+                   help="the TSV to import: validated, train, dev, test, ... (default: validated)")
+    p.add_argument("--audio-dir", help="where the clips converted to 16 kHz FLAC go "
+                   "(default: clips_16000/ next to --out; reused when up to date)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad utterances")
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run directories holding results.json")
     p.add_argument("--out", help="also write the rows as JSON here")
@@ -254,13 +281,16 @@ def _audit_run_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[Command, ...] = (
     Command("demo", "build the corpus, train the small model, report test WER", _demo,
             _demo_args, settings="overrides of configs/demo.yaml, e.g. model.size=tiny"),
-    Command("corpus", "embedded corpus, statistics, LibriSpeech import", subcommands=(
+    Command("corpus", "embedded corpus, statistics, LibriSpeech and Common Voice import",
+            subcommands=(
         Command("synth", "synthesise the multi-speaker espeak-ng corpus", _corpus_synth,
                 _synth_args),
         Command("stats", "hours, utterances, speakers, vocabulary of manifests", _corpus_stats,
                 _stats_args),
         Command("librispeech", "import a LibriSpeech-layout tree as a manifest",
-                _corpus_librispeech, _librispeech_args))),
+                _corpus_librispeech, _librispeech_args),
+        Command("commonvoice", "import a Common Voice split (TSV + MP3 clips) as a manifest",
+                _corpus_commonvoice, _commonvoice_args))),
     Command("train", "train from a YAML recipe with key=value overrides", _train, recipe=True,
             settings="recipe overrides, e.g. optim.max_steps=500 device=cuda"),
     Command("pcc-experiment", "baseline vs per-core clipping (PCC) vs adaptive PCC on K "

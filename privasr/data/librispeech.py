@@ -24,27 +24,12 @@ from pathlib import Path
 import soundfile as sf
 
 from privasr.data.manifest import (AudioError, ManifestError, OnError, SkipReport, Utterance,
-                                   write_manifest)
+                                   ProblemSink, write_manifest)
 
 __all__ = ["import_librispeech"]
 
 
-class _Problems:
-    """Raise at once, or count into a SkipReport."""
-
-    def __init__(self, on_error: OnError, report: SkipReport | None):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.on_error = on_error
-        self.report = report if report is not None else SkipReport()
-
-    def __call__(self, exc: ValueError, reason: str) -> None:
-        if self.on_error == "raise":
-            raise exc
-        self.report.add(reason, str(exc))
-
-
-def _read_transcripts(trans: Path, problem: _Problems) -> list[tuple[int, str, str | None]]:
+def _read_transcripts(trans: Path, problem: ProblemSink) -> list[tuple[int, str, str | None]]:
     """``(line number, utterance id, lowercased text)`` for each non-blank line of a trans.txt.
 
     The text is ``None`` on a line that is not valid UTF-8 (its id is still returned, so that
@@ -111,7 +96,7 @@ def import_librispeech(root: str | os.PathLike, out_manifest: str | os.PathLike,
     ``on_error="skip"``, are left out and counted in ``report``. A root that is missing or holds
     no ``*.trans.txt`` always raises :class:`ManifestError`.
     """
-    problem = _Problems(on_error, report)
+    problem = ProblemSink(on_error, report)
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"LibriSpeech root not found or not a directory: {root}")

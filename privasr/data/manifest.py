@@ -69,6 +69,21 @@ class SkipReport:
         return f"skipped {self.total} utterance(s): {parts}"
 
 
+class ProblemSink:
+    """Raise at once, or count into a SkipReport (the importers' ``on_error`` handling)."""
+
+    def __init__(self, on_error: OnError, report: SkipReport | None):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.on_error = on_error
+        self.report = report if report is not None else SkipReport()
+
+    def __call__(self, exc: ValueError, reason: str) -> None:
+        if self.on_error == "raise":
+            raise exc
+        self.report.add(reason, str(exc))
+
+
 def _parse_line(line: str, where: str, base: Path) -> Utterance:
     try:
         obj = json.loads(line)
