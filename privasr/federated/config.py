@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from privasr.config import (AugmentConfig, BatchConfig, DataConfig, ModelConfig, OptimConfig,
                             TrainConfig, load_config)
 from privasr.errors import ConfigError, PolicyError
 from privasr.federated.clip import client_policy
 
-__all__ = ["LocalConfig", "ServerConfig", "DPConfig", "SimulationConfig", "FLConfig",
+__all__ = ["LocalConfig", "ServerConfig", "DPConfig", "SimulationConfig", "ExtrapolateConfig",
+           "FLConfig",
            "load_fl_config", "local_train_config", "SERVER_OPTIMIZERS"]
 
 SERVER_OPTIMIZERS = ("fedavg", "adam", "lamb")
@@ -70,6 +73,20 @@ class SimulationConfig:
 
 
 @dataclass
+class ExtrapolateConfig:
+    """The population and cohort a simulated run stands for (docs/federated.md, "Extrapolated
+    runs"): σ is calibrated so that E[cohort] = ``cohort`` of ``population`` users over
+    server.rounds rounds spends ``target_epsilon`` at ``delta``, and the simulation adds the
+    same noise std on the average update. That ε holds for the stated population only; the
+    run also reports the true ε of its own speakers."""
+
+    population: float = 0.0      # P users (e.g. 1.0e+6)
+    cohort: int = 0              # E[cohort] K per round at that scale (e.g. 1024)
+    target_epsilon: float = 0.0  # user-level ε at (P, K) over server.rounds rounds
+    delta: float = 1e-9
+
+
+@dataclass
 class FLConfig:
     out_dir: str = "runs/fl"
     seed: int = 0
@@ -86,6 +103,8 @@ class FLConfig:
     max_test_utts: int = 0     # 0: the whole test manifest
     extrapolate_populations: list[float] = field(default_factory=lambda: [1e4, 1e5, 1e6, 1e7])
     extrapolate_delta: float = 1e-9
+    # None: off; {population, cohort, target_epsilon, delta}: σ from the stated population
+    extrapolate: ExtrapolateConfig | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -115,11 +134,33 @@ class FLConfig:
         if (self.dp.noise_multiplier is not None and self.dp.target_epsilon is not None):
             raise bad("give dp.noise_multiplier or dp.target_epsilon (σ is calibrated to it), "
                       "not both")
-        dp_on = bool(self.dp.noise_multiplier) or self.dp.target_epsilon is not None
+        if self.extrapolate is not None:
+            self._check_extrapolate(bad)
+        dp_on = (bool(self.dp.noise_multiplier) or self.dp.target_epsilon is not None
+                 or self.extrapolate is not None)
         if dp_on and self.server.sampling != "poisson":
             raise bad("DP (σ > 0) needs server.sampling=poisson: the user-level accountant "
                       "assumes each speaker joins a round independently with probability "
                       "q = cohort_size / N")
+
+    def _check_extrapolate(self, bad: Callable[[str], ConfigError]) -> None:
+        ex = self.extrapolate
+        if self.dp.noise_multiplier is not None or self.dp.target_epsilon is not None:
+            raise bad("extrapolate sets σ (calibrated to extrapolate.target_epsilon at the "
+                      "stated population and cohort): remove dp.noise_multiplier and "
+                      "dp.target_epsilon (the simulated population's true ε is reported, not "
+                      "budgeted)")
+        if not (math.isfinite(ex.population) and ex.population >= 1):
+            raise bad(f"extrapolate.population={ex.population!r} must be a finite number "
+                      ">= 1 (the users the run stands for, e.g. 1.0e+6)")
+        if isinstance(ex.cohort, bool) or not 1 <= ex.cohort <= ex.population:
+            raise bad(f"extrapolate.cohort={ex.cohort!r} must be an integer in [1, "
+                      f"extrapolate.population={ex.population:g}] (E[cohort] at that scale)")
+        if not (math.isfinite(ex.target_epsilon) and ex.target_epsilon > 0):
+            raise bad(f"extrapolate.target_epsilon={ex.target_epsilon!r} must be finite and > 0")
+        if not 0 < ex.delta * ex.population < 1:
+            raise bad(f"extrapolate.delta={ex.delta!r} must be in (0, 1/population): "
+                      "δ ≥ 1/P allows publishing one user's data whole")
 
 
 def load_fl_config(path: str | Path | None, overrides: list[str] = ()) -> FLConfig:

@@ -8,6 +8,11 @@
         Δ̄ = (Σ clip(Δ_c) + σ·C·ξ) / E[cohort]      privasr.federated.aggregate
         server optimizer step on −Δ̄; ledger.record_step(); round += 1
         atomic checkpoint: model, optimizer, ledger, round (what was released, together)
+
+With ``extrapolate`` (the paper's methodology) σ = σ_sim = σ_big·E[cohort]/K, σ_big calibrated
+for the stated population P and cohort K: the ledger accounts the run's own speakers (the true
+ε, reported as ``epsilon_simulated``) and the rounds are also accounted at (σ_big, K/P), reported
+as ``epsilon_extrapolated`` and budgeted at extrapolate.target_epsilon.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from privasr.clipping.release import Release
 from privasr.config import to_dict
 from privasr.data.manifest import SkipReport
 from privasr.data.tokenizer import CharTokenizer
-from privasr.federated.accounting import build_ledger, extrapolation_table
+from privasr.federated.accounting import (Extrapolation, build_ledger, extrapolated_noise,
+                                          extrapolation_table, simulated_accountant,
+                                          simulated_epsilon_report)
 from privasr.federated.aggregate import aggregate
 from privasr.federated.client import speakers_of
 from privasr.federated.clip import DeltaClipper, client_policy, policy_label
@@ -37,7 +44,8 @@ from privasr.federated.optim import apply_update, build_server_optimizer
 from privasr.models.conformer import count_parameters
 from privasr.privacy.statement import privacy_statement
 from privasr.privacy.accountant import default_delta
-from privasr.privacy.ledger import LedgerMismatch, PrivacyLedger, resume_ledger
+from privasr.privacy.ledger import (LedgerMismatch, PrivacyBudgetExceeded, PrivacyLedger,
+                                    resume_ledger)
 from privasr.privacy.randomness import SecretRandomness
 from privasr.checkpoint import load_checkpoint, save_checkpoint
 from privasr.decoding.evaluate import evaluate
@@ -97,9 +105,21 @@ class FLServer:
                                                 betas=s.betas, eps=s.eps,
                                                 weight_decay=s.weight_decay)
         self.delta = float(d.delta) if d.delta is not None else default_delta(self.population)
-        self.ledger: PrivacyLedger | None = build_ledger(
-            noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon,
-            delta=self.delta, rounds=s.rounds, sample_rate=self.q, method=d.accounting)
+        self.extrapolation: Extrapolation | None = None
+        self.ledger: PrivacyLedger | None
+        if cfg.extrapolate is not None:   # σ from the stated population, not from this one
+            ex = cfg.extrapolate
+            self.extrapolation = extrapolated_noise(
+                population=ex.population, cohort=ex.cohort, target_epsilon=ex.target_epsilon,
+                delta=ex.delta, rounds=s.rounds, method=d.accounting)
+            sigma = self.extrapolation.simulated_noise_multiplier(self.expected_cohort)
+            self.ledger = build_ledger(noise_multiplier=sigma, target_epsilon=None,
+                                       delta=self.delta, rounds=s.rounds, sample_rate=self.q,
+                                       method=simulated_accountant(sigma, d.accounting))
+        else:
+            self.ledger = build_ledger(
+                noise_multiplier=d.noise_multiplier, target_epsilon=d.target_epsilon,
+                delta=self.delta, rounds=s.rounds, sample_rate=self.q, method=d.accounting)
         self.noise_multiplier = self.ledger.noise_multiplier if self.ledger else 0.0
         # the recipe's dp.policy, unit = client: the same ClipPolicy as privasr train's
         self.policy = client_policy(d.policy, noise_multiplier=self.noise_multiplier,
@@ -128,6 +148,34 @@ class FLServer:
         """Raise PrivacyBudgetExceeded (a StopTraining) if one more round is over budget."""
         if self.ledger is not None:
             self.ledger.check_before_step()
+        ex = self.extrapolation
+        if ex is not None and self.ledger is not None:
+            eps_next = ex.epsilon(self.ledger.segments, self.expected_cohort, more_rounds=1)
+            if eps_next > ex.target_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"the next round would spend extrapolated ε = {eps_next:.4g} > "
+                    f"extrapolate.target_epsilon = {ex.target_epsilon:g} ({ex.label}); "
+                    f"stopping ({self.ledger.steps} rounds done)",
+                    epsilon_next=eps_next, budget=ex.target_epsilon,
+                    steps_done=self.ledger.steps)
+
+    def epsilon_extrapolated(self) -> float | None:
+        """Extrapolated ε of the rounds run (None without ``extrapolate``): it holds for the
+        stated population and cohort, not for this run's speakers."""
+        if self.extrapolation is None or self.ledger is None:
+            return None
+        return self.extrapolation.epsilon(self.ledger.segments, self.expected_cohort)
+
+    def epsilon_text(self, eps: float, eps_extrapolated: float | None = None) -> str:
+        """An ε for the log, saying which one it is."""
+        if self.extrapolation is None:
+            return f"ε = {eps:.4g} (δ = {self.delta:.3g}, per speaker)"
+        ex = self.extrapolation
+        return (f"ε_simulated = {eps:.4g} (δ = {self.delta:.3g}, per speaker of these "
+                f"{self.population}: this run's guarantee), ε_extrapolated = "
+                f"{eps_extrapolated if eps_extrapolated is not None else math.nan:.4g} "
+                f"(δ = {ex.delta:.3g}, P = {ex.population:g}, E[cohort] = {ex.cohort:g}: "
+                "not this run's guarantee)")
 
     def global_state(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -158,6 +206,8 @@ class FLServer:
         row = {"round": self.round, "sampled": sampled, "aggregated": agg.clients,
                "failed": failed + invalid, "clipped": agg.clipped, "update_norm": upd,
                "epsilon": self.epsilon(), "round_seconds": seconds}
+        if self.extrapolation is not None:   # "epsilon" stays this run's own (simulated) ε
+            row["epsilon_extrapolated"] = self.epsilon_extrapolated()
         if self.ledger is not None:   # realised cohort and clipping counts: not covered by ε
             row.update(sampled=math.nan, aggregated=math.nan, failed=math.nan, clipped=math.nan)
         self.history.append(row)
@@ -222,6 +272,13 @@ class FLServer:
         s = self.cfg.server
         priv = (self.ledger.summary() if self.ledger else
                 "σ = 0: clipping only, no DP guarantee")
+        ex = self.extrapolation
+        if ex is not None:
+            priv = (f"simulated (this run's guarantee, its {self.population} speakers): {priv}; "
+                    f"extrapolated (P = {ex.population:g}, E[cohort] = {ex.cohort:g}, not this "
+                    f"run's guarantee): σ_big = {ex.noise_multiplier:.4g} calibrated to ε = "
+                    f"{ex.target_epsilon:g} at δ = {ex.delta:.3g} over {ex.rounds} rounds, "
+                    f"noise std on the average {ex.noise_multiplier / ex.cohort:.4g}·C")
         return (f"FL: {self.population} client speakers, E[cohort] = {self.expected_cohort:g} "
                 f"({s.sampling}, q = {self.q:.4g}), {s.rounds} rounds, clipping "
                 f"{policy_label(self.policy)} "
@@ -253,6 +310,11 @@ class FLServer:
         }
         if not math.isfinite(eps):
             out["epsilon"] = "inf" if eps == math.inf else None
+        if self.extrapolation is not None and self.ledger is not None:
+            out["epsilon_simulated"] = simulated_epsilon_report(
+                self.ledger, expected_cohort=self.expected_cohort)
+            out["epsilon_extrapolated"] = self.extrapolation.report(self.ledger.segments,
+                                                                    self.expected_cohort)
         if self.noise_multiplier > 0:
             out["extrapolation"] = extrapolation_table(
                 noise_multiplier=self.noise_multiplier, cohort=self.expected_cohort,
@@ -293,10 +355,10 @@ def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[
         t = time.time()
         deltas, failed = train_cohort(server.round, cohort)
         row = server.step(deltas, sampled=len(cohort), failed=failed, seconds=time.time() - t)
+        eps = server.epsilon_text(row["epsilon"], row.get("epsilon_extrapolated"))
         msg = (f"round {row['round']}/{cfg.server.rounds}: {row['aggregated']}/{row['sampled']} "
                f"clients ({row['failed']} failed, {row['clipped']} clipped), "
-               f"‖Δ̄‖ = {row['update_norm']:.3g}, ε = {row['epsilon']:.4g} "
-               f"(δ = {server.delta:.3g}, per speaker), {row['round_seconds']:.1f} s")
+               f"‖Δ̄‖ = {row['update_norm']:.3g}, {eps}, {row['round_seconds']:.1f} s")
         if row["round"] % cfg.eval_every == 0 and row["round"] < cfg.server.rounds:
             ev = server.evaluate_test()
             msg += f"; test WER {ev['wer']:.3f} CER {ev['cer']:.3f}"
@@ -304,7 +366,7 @@ def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[
         server.log(msg)
     test = server.evaluate_test()
     server.log(f"final test WER {test['wer']:.3f} CER {test['cer']:.3f} after {server.round} "
-               f"rounds; ε = {server.epsilon():.4g} at δ = {server.delta:.3g} (per speaker)")
+               f"rounds; {server.epsilon_text(server.epsilon(), server.epsilon_extrapolated())}")
     res = server.results(test, time.time() - t0)
     res["stopped"] = stopped
     server.write_results(res)
