@@ -141,6 +141,11 @@ class AuditConfig:
     # canary manifest from `privasr audit make-canaries`: its inserted canaries join the
     # training set (each r times); held-out ones and dev/test never see them
     canaries: str = ""
+    # mechanism probe (privasr.audit.norm_probe): every k steps, per-example gradient norms of
+    # norm_probe_size inserted canaries vs as many ordinary utterances -> norm_probe.csv.
+    # 0: off. An audit diagnostic of private examples, NOT covered by the run's ε
+    norm_probe_every: int = 0
+    norm_probe_size: int = 16
 
 
 @dataclass

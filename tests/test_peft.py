@@ -13,6 +13,7 @@ from privasr.data.dataset import Batch
 from privasr.models.conformer import ConformerCTC, config_for
 from privasr.peft.apply import apply_peft, load_pretrained, rebuild
 from privasr.config import FinetuneConfig
+from privasr.errors import ConfigError
 from privasr.peft.lora import LoRALinear, merge_lora
 from privasr.checkpoint import save_checkpoint
 from privasr.models.loss import per_example_ctc
@@ -367,3 +368,39 @@ def test_dp_peft_experiment_refuses_a_missing_pretrained_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="nope.pt"):
         run_experiment(cfg, log=lambda *_: None)
     assert not (tmp_path / "x" / "pretrain").exists()      # nothing was trained instead
+
+
+def test_dp_peft_tag_keeps_variant_runs_apart_and_dp_overrides_reach_dp_runs_only(
+        tmp_path, monkeypatch):
+    import privasr.recipes.dp_peft as dp_peft
+
+    calls: list[list[str]] = []
+
+    def fake_run(recipe, overrides, log):
+        calls.append(list(overrides))
+        dp = any(o.startswith("privacy.target_epsilon=") and not o.endswith("null")
+                 for o in overrides)
+        return {"test_wer": 0.5, "test_cer": 0.2, "trainable_params": 10, "steps": 2,
+                "train_utts": 100, "test_utts": 5, "test_speakers": 1, "device": "cpu",
+                "privacy": {"epsilon": 8.0, "delta": 1e-3, "noise_multiplier": 1.0}
+                if dp else None}
+
+    monkeypatch.setattr(dp_peft, "_run", fake_run)
+    monkeypatch.setattr(dp_peft, "_zero_shot", lambda *a: {"wer": 0.9, "cer": 0.4})
+    ckpt = tmp_path / "pre.pt"
+    ckpt.write_bytes(b"x")
+    cfg = dp_peft.DpPeftConfig(out_dir=str(tmp_path / "x"), results=str(tmp_path / "r.json"),
+                               pretrained=str(ckpt), methods=["adapters"], epsilons=[8.0],
+                               nonprivate_peft=["adapters"], tag="top6",
+                               method_overrides={"adapters": ["finetune.top_blocks=6"]},
+                               dp_overrides=["privacy.expected_batch_size=1024"])
+    rows = dp_peft.run_experiment(cfg, log=lambda *_: None)
+    out_dirs = [next(o for o in c if o.startswith("out_dir=")).split("/")[-1] for c in calls]
+    assert out_dirs == ["full_nonprivate", "adapters_top6_nonprivate", "adapters_top6_eps8"]
+    assert not any("expected_batch_size" in o for c in calls[:2] for o in c)
+    assert "privacy.expected_batch_size=1024" in calls[2] and "finetune.top_blocks=6" in calls[2]
+    assert [r.get("variant") for r in rows] == [None, None, "top6", "top6"]
+    assert rows[-1]["overrides"][-1] == "privacy.expected_batch_size=1024"
+    with pytest.raises(ConfigError, match="tag"):
+        dp_peft.run_experiment(dp_peft.DpPeftConfig(tag="a/b", pretrained=str(ckpt)),
+                               log=lambda *_: None)

@@ -50,6 +50,10 @@ class DpPeftConfig:
     nonprivate_last: bool = False  # run the DP grid first (its rows land before the long FT)
     seeds: list[int] = field(default_factory=list)  # DP runs per (method, ε); default [seed]
     method_overrides: dict = field(default_factory=dict)  # method -> extra key=value overrides
+    dp_overrides: list[str] = field(default_factory=list)  # key=value for the DP runs only
+    # a variant of the grid sharing out_dir (zero-shot and non-private full FT reused): its
+    # other runs live in METHOD_TAG_... folders and its rows carry variant = tag
+    tag: str = ""
     gap_targets: dict = field(default_factory=dict)  # ε -> gap_closed goal of the best method
     device: str = "auto"
     seed: int = 0
@@ -71,6 +75,9 @@ def _check(cfg: DpPeftConfig) -> None:
         bad = [m for m in getattr(cfg, name) if m not in METHODS]
         if bad:
             raise ConfigError(f"{name}: keys must be methods, got {bad}")
+    if cfg.tag and not cfg.tag.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"tag must be letters, digits, - or _ (a folder name part), "
+                          f"got {cfg.tag!r}")
     bad = [m for m in cfg.nonprivate_peft if m not in METHODS or m in ("none", "full")]
     if bad:
         raise ConfigError(f"nonprivate_peft: not PEFT methods: {bad}")
@@ -261,15 +268,24 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         return [f"peft={method}", *cfg.method_overrides.get(method, [])] + (
             [f"optim.lr={lr}"] if lr else [])
 
+    def tagged(method: str) -> str:
+        return f"{method}_{cfg.tag}" if cfg.tag else method
+
+    def labelled(row: dict[str, Any], args: list[str]) -> dict[str, Any]:
+        return {**row, "variant": cfg.tag or None, "overrides": args}
+
     def run_nonprivate() -> None:
         nonprivate = (["full"] if cfg.nonprivate else []) + list(cfg.nonprivate_peft)
         for method in nonprivate:
             lr = (cfg.nonprivate_lr or cfg.lr.get("full")) if method == "full" else \
                 cfg.lr.get(method)
-            d = out / ("full_nonprivate" if method == "full" else f"{method}_nonprivate")
-            res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", *method_args(method, lr),
-                                      "privacy.policy={}", "privacy.target_epsilon=null"], log)
-            rows.append(_row(method, res, lr, str(d), cfg.seed))
+            d = out / ("full_nonprivate" if method == "full" else f"{tagged(method)}_nonprivate")
+            args = [*method_args(method, lr), "privacy.policy={}", "privacy.target_epsilon=null"]
+            res = _run(cfg.finetune, [*ft_common, f"out_dir={d}", *args], log)
+            row = labelled(_row(method, res, lr, str(d), cfg.seed), args)
+            if method == "full":
+                row["variant"] = None   # the shared reference, in full_nonprivate
+            rows.append(row)
             log(f"non-private {method}: WER {res['test_wer']:.3f}")
             save()
 
@@ -277,14 +293,16 @@ def run_experiment(cfg: DpPeftConfig, log: Callable[[str], None] = print) -> lis
         for eps in cfg.epsilons:
             for method in cfg.methods:
                 for seed in cfg.seeds or [cfg.seed]:
-                    d = out / (f"{method}_eps{eps:g}" + (f"_s{seed}" if cfg.seeds else ""))
-                    res = _run(cfg.finetune, [*ft_common, f"seed={seed}", f"out_dir={d}",
-                                              f"privacy.target_epsilon={eps}",
-                                              *method_args(method, cfg.lr.get(method))], log)
+                    d = out / (f"{tagged(method)}_eps{eps:g}" +
+                               (f"_s{seed}" if cfg.seeds else ""))
+                    args = [f"privacy.target_epsilon={eps}",
+                            *method_args(method, cfg.lr.get(method)), *cfg.dp_overrides]
+                    res = _run(cfg.finetune, [*ft_common, f"seed={seed}", f"out_dir={d}", *args],
+                               log)
                     if not res.get("privacy"):
                         raise ConfigError(f"{cfg.finetune}: the DP runs need a privacy.policy with "
                                           f"noise (the run in {d} had none)")
-                    row = _row(method, res, cfg.lr.get(method), str(d), seed)
+                    row = labelled(_row(method, res, cfg.lr.get(method), str(d), seed), args)
                     row["epsilon"] = float(eps)
                     rows.append(row)
                     log(f"{method} ε={eps:g} seed {seed}: WER {row['test_wer']:.3f}, "

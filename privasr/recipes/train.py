@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from privasr.atomic import atomic_write_text
+from privasr.audit.norm_probe import OUTSIDE_EPSILON as NORM_PROBE_OUTSIDE, check_settings
 from privasr.config import TrainConfig, to_dict
 from privasr.data.dataset import AsrDataset
 from privasr.data.manifest import SkipReport
@@ -51,6 +52,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     threads = set_threads(cfg.threads or (0 if ctx is None else D.threads_per_rank(ctx)))
     torch.manual_seed(cfg.seed)
     cfg = model_family_setup(cfg, log)
+    check_settings(cfg.audit)   # audit.norm_probe_*, before any data work
     paths = manifest_paths(cfg)
     tok = CharTokenizer()
     report = SkipReport()
@@ -91,9 +93,11 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
                           "independent. Audit an example-level run instead")
     strategy = setup.strategy
     private = setup.ledger is not None and not cfg.privacy.log_private_stats
+    probe = norm_probe(cfg, train_ds, setup, log) if cfg.audit.norm_probe_every > 0 else None
     trainer = Trainer(cfg, model, train_ds, dev_ds, vocab, strategy=TimedGradient(strategy),
                       plan=setup.plan, dist=ctx, shard=setup.shard,
-                      withhold=WITHHELD_METRICS if private else frozenset())
+                      withhold=WITHHELD_METRICS if private else frozenset(),
+                      observers=[probe] if probe is not None else [])
     if setup.ledger is not None:
         probe_independence(trainer, train_ds, strategy)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -129,7 +133,8 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         private_stats=ledger is not None and cfg.privacy.log_private_stats,
         protects=_protects(cfg, setup),
         extra_outside=(["inserted audit canaries are repeated r times: r copies are protected "
-                        "only at group-privacy level r"] if canary_info else []))
+                        "only at group-privacy level r"] if canary_info else [])
+        + ([NORM_PROBE_OUTSIDE] if probe is not None else []))
     if ledger is None:
         log(statement_text(statement))
     results = {
@@ -144,6 +149,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "stopped": res.stopped, "privacy": privacy,
         "clip_policy": setup.policy.to_dict() if setup.policy is not None else None,
         "canaries": canary_info,
+        "norm_probe": probe.summary() if probe is not None else None,
         "trainable_params": count_parameters(model), "step_seconds":
         trainer.strategy.median_seconds(), "peft": finish_peft(cfg, trainer, peft),
         "world_size": 1 if ctx is None else ctx.world_size,
@@ -156,6 +162,23 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     write_run_report(cfg.out_dir, results)
     D.finish(ctx)
     return results
+
+
+def norm_probe(cfg: TrainConfig, train_ds: AsrDataset, setup, log=print):
+    """The memorization mechanism probe (privasr.audit.norm_probe) for ``audit.canaries``."""
+    from privasr.audit.canaries import read_canaries
+    from privasr.audit.norm_probe import NormProbe, per_example_bound, run_batch_size
+
+    ids = [c.id for c in read_canaries(cfg.audit.canaries) if c.inserted]
+    probe = NormProbe(train_ds, ids, every=cfg.audit.norm_probe_every,
+                      size=cfg.audit.norm_probe_size, batch_size=run_batch_size(setup.plan,
+                                                                                len(train_ds)),
+                      clip_norm=per_example_bound(setup.policy), seed=cfg.seed)
+    log(f"audit: norm probe every {probe.every} steps on {len(probe.canaries)} canaries and "
+        f"{len(probe.ordinary)} ordinary utterances (B = {probe.batch_size:.3g}, C = "
+        f"{probe.clip_norm}) -> norm_probe.csv; these per-example gradient norms of training "
+        "examples are NOT covered by the run's ε")
+    return probe
 
 
 def model_family_setup(cfg: TrainConfig, log=print) -> TrainConfig:

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -117,13 +117,24 @@ class TrainResult:
     stopped: str | None = None  # why training ended before max_steps, if it did
 
 
+class StepObserver(Protocol):
+    """Called on the main rank after each optimizer step (``step`` = steps done), before the
+    evaluation and checkpoint of that step; it may log via ``trainer.log``. It must leave the
+    model, ``.grad``, the optimizer and the RNG states as it found them. The returned values
+    (or None) are the observer's; the trainer ignores them."""
+
+    def after_step(self, trainer: "Trainer", step: int) -> dict[str, float] | None: ...
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, train_ds: AsrDataset,
                  dev_ds: AsrDataset | None, vocab: list[str], *,
                  strategy: GradientStrategy | None = None, plan: Any = None,
                  dist: Any = None, shard: Callable[[list[Batch]], list[Batch]] | None = None,
-                 withhold: frozenset[str] = frozenset()) -> None:
+                 withhold: frozenset[str] = frozenset(),
+                 observers: Sequence[StepObserver] = ()) -> None:
         self.cfg = cfg
+        self.observers = tuple(observers)
         # metric names this run must not release (a DP run: statistics of the private batch,
         # e.g. loss and audio_s_per_s); they are neither logged nor shown on the progress bar
         self.withhold = frozenset(withhold)
@@ -286,6 +297,11 @@ class Trainer:
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "audio_s_per_s")
                                  if k in row})
                 window, t_last = [], now
+            if self.observers and self.is_main:
+                t_obs = time.time()
+                for obs in self.observers:
+                    obs.after_step(self, self.pos.step)
+                t_last += time.time() - t_obs   # audio_s_per_s: training time only
             if (self.pos.step % cfg.eval_every == 0 or self.pos.step == cfg.optim.max_steps) \
                     and self.is_main:
                 dev = self.evaluate_dev()
