@@ -404,3 +404,19 @@ def test_dp_peft_tag_keeps_variant_runs_apart_and_dp_overrides_reach_dp_runs_onl
     with pytest.raises(ConfigError, match="tag"):
         dp_peft.run_experiment(dp_peft.DpPeftConfig(tag="a/b", pretrained=str(ckpt)),
                                log=lambda *_: None)
+
+
+def test_dp_peft_reuses_a_finished_run_saved_before_new_config_fields(tmp_path):
+    import json
+    from privasr.config import load_config, to_dict
+    from privasr.recipes.dp_peft import _run
+
+    over = [f"out_dir={tmp_path / 'run'}", "peft=adapters"]
+    saved = to_dict(load_config("configs/dp_finetune_assistant.yaml", over))
+    del saved["audit"]["norm_probe_size"]          # a field added after the run was made
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"test_wer": 0.5}))
+    assert _run("configs/dp_finetune_assistant.yaml", over, lambda *_: None) == {"test_wer": 0.5}
+    with pytest.raises(ConfigError, match="another config"):
+        _run("configs/dp_finetune_assistant.yaml", over + ["optim.lr=0.1"], lambda *_: None)

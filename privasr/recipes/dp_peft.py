@@ -85,6 +85,10 @@ def _check(cfg: DpPeftConfig) -> None:
         raise ConfigError(f"epsilons must be positive numbers, got {cfg.epsilons}")
 
 
+def _as_json(cfg: Any) -> Any:
+    return json.loads(json.dumps(to_dict(cfg)))
+
+
 def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     """``privasr train recipe overrides``, reusing a finished run with the same config."""
     from privasr.recipes.train import run_training
@@ -93,7 +97,8 @@ def _run(recipe: str, overrides: list[str], log: Callable[[str], None]) -> dict[
     out = Path(cfg.out_dir)
     done, saved = out / "results.json", out / "config.json"
     if saved.exists():
-        if json.loads(saved.read_text()) != json.loads(json.dumps(to_dict(cfg))):
+        # through the config class: fields added since that run take their defaults
+        if _as_json(load_config(saved, [])) != _as_json(cfg):
             raise ConfigError(f"{out} holds a run with another config; delete it or choose "
                               f"another out_dir (a changed run cannot resume)")
         if done.exists():
