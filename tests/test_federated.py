@@ -12,20 +12,9 @@ from privasr.clipping.release import Release
 from privasr.federated.clip import DeltaClipper, client_policy
 from privasr.federated.config import load_fl_config
 from privasr.federated.optim import Lamb
+from conftest import FL_SPEAKERS
 
-SPEAKERS = 16
-
-
-@pytest.fixture
-def fl_manifest(tmp_path):
-    """A manifest of SPEAKERS speakers (the server only reads who the clients are)."""
-    d = tmp_path / "corpus"
-    d.mkdir()
-    rows = [{"id": f"s{i:02d}-{j}", "audio": f"audio/s{i:02d}-{j}.flac", "duration": 1.0,
-             "text": "a b", "speaker": f"s{i:02d}", "sampling_rate": 16000}
-            for i in range(SPEAKERS) for j in range(2)]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+SPEAKERS = FL_SPEAKERS
 
 
 def _cfg(corpus, out, *extra):

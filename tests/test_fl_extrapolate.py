@@ -20,23 +20,12 @@ from privasr.federated.clip import DeltaClipper
 from privasr.federated.config import ExtrapolateConfig, FLConfig, load_fl_config
 from privasr.privacy.accountant import epsilon
 from privasr.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from conftest import FL_SPEAKERS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SPEAKERS, COHORT = 16, 4
+SPEAKERS, COHORT = FL_SPEAKERS, 4
 EXTRA = ["extrapolate.population=1.0e+6", "extrapolate.cohort=1024",
          "extrapolate.target_epsilon=7.2"]
-
-
-@pytest.fixture
-def fl_manifest(tmp_path):
-    """A manifest of SPEAKERS speakers (the server only reads who the clients are)."""
-    d = tmp_path / "corpus"
-    d.mkdir()
-    rows = [{"id": f"s{i:02d}-{j}", "audio": f"audio/s{i:02d}-{j}.flac", "duration": 1.0,
-             "text": "a b", "speaker": f"s{i:02d}", "sampling_rate": 16000}
-            for i in range(SPEAKERS) for j in range(2)]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
 
 
 def _server(corpus, out, *extra):
