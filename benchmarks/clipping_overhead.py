@@ -55,6 +55,7 @@ from privasr.data.dataset import Batch  # noqa: E402
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters  # noqa: E402
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
 from privasr.models.loss import per_example_ctc  # noqa: E402
+from privasr.train.host_memory import keep_freed_memory  # noqa: E402
 
 VARIANTS = ("nonprivate", "per_example", "per_example_secure", "microbatch", "per_example_vmap",
             "opacus_hooks",
@@ -253,6 +254,8 @@ def memory_child(a: argparse.Namespace) -> None:
     global DEVICE
     DEVICE = torch.device(a.device)
     torch.set_num_threads(a.threads)
+    if a.malloc == "keep":
+        keep_freed_memory()
     batch = make_batch(a.batch, a.seconds, DEVICE)
     _, step, _ = build_variant(a.memory_variant, a.size, batch)
     if DEVICE.type == "cuda":      # CUDA: torch's allocator peak, not the process RSS
@@ -286,7 +289,7 @@ def measure_memory(a: argparse.Namespace, variants: list[str]) -> dict:
     for v in variants:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-variant", v,
                "--size", a.size, "--batch", str(a.batch), "--seconds", str(a.seconds),
-               "--threads", str(a.threads), "--device", a.device]
+               "--threads", str(a.threads), "--device", a.device, "--malloc", a.malloc]
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
         if r.returncode or not line:
@@ -384,6 +387,8 @@ def main() -> None:
     DEVICE = torch.device(a.device)
     a.out = a.out or str(OUT_CUDA if DEVICE.type == "cuda" else OUT)
     torch.set_num_threads(a.threads)
+    if a.malloc == "keep":
+        keep_freed_memory()
     batch = make_batch(a.batch, a.seconds, DEVICE)
     import opacus
     probe = build_model(a.size)
@@ -407,6 +412,8 @@ def main() -> None:
                      "loss": "per_example_ctc (CTC NLL / target length); Opacus: mean over "
                              "batch with loss_reduction='mean' -> same Σclip(g_i)/16",
                      "noise": "on (sigma=1) for every private variant, off for nonprivate",
+                     "host_allocator": ("keep-freed (privasr.train.host_memory, as in "
+                                        "training)" if a.malloc == "keep" else "glibc default"),
                      "opacus_layer_support": opacus_layer_support(probe)},
     }
     del probe
@@ -443,7 +450,7 @@ def main() -> None:
         steps.clear()                   # free the parent's copies; the workers build their own
         raw = interleave_processes("clipping_overhead:make_step", names,
                                    {"device": a.device, "threads": a.threads, "batch": a.batch,
-                                    "seconds": a.seconds, "size": a.size},
+                                    "seconds": a.seconds, "size": a.size, "malloc": a.malloc},
                                    a.rounds, a.warmup)
 
     med = {v: {k: statistics.median(raw[v][k]) for k in ("wall_s", "cpu_s")} for v in names}
@@ -499,8 +506,12 @@ def main() -> None:
             if best in okm and "per_example" in okm:
                 summary["memory_per_example_vs_opacus_best"] = okm["per_example"] / okm[best]
 
-    tg = {"per_example_vs_nonprivate": 1.3, "per_example_vs_opacus_best": 0.7,
-          "memory_per_example_vs_nonprivate": 1.5}
+    # the goals ("DP training near the non-private floor"): CPU <= 1.25x non-private,
+    # <= 0.7x the faster Opacus mode, peak memory <= 1.4x; on CUDA <= 1.5x and <= 0.6x
+    cuda = DEVICE.type == "cuda"
+    tg = {"per_example_vs_nonprivate": 1.5 if cuda else 1.25,
+          "per_example_vs_opacus_best": 0.6 if cuda else 0.7,
+          "memory_per_example_vs_nonprivate": 1.4}
     summary["targets"] = {k: {"target_max": t, "value": summary.get(k),
                               "met": (summary[k] <= t) if k in summary else None}
                           for k, t in tg.items()}

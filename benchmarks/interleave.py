@@ -27,6 +27,9 @@ def add_step_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                    help="keep: privasr's training setting (privasr.train.host_memory, freed "
+                         "host memory stays in the process); system: glibc's defaults")
 
 
 def interleave(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
@@ -65,6 +68,9 @@ def _worker(factory: str, name: str, settings: dict[str, Any], conn) -> None:
     """A variant's process: build its step with ``module:function(name, settings)`` (which
     returns (step, sync)), then time one step per request until told to stop."""
     module, func = factory.split(":")
+    if settings.get("malloc", "keep") == "keep":
+        from privasr.train.host_memory import keep_freed_memory
+        keep_freed_memory()
     step, sync = getattr(importlib.import_module(module), func)(name, settings)
     conn.send("ready")
     while conn.recv() == "step":

@@ -26,6 +26,7 @@ from privasr.data.dataset import Batch  # noqa: E402
 from privasr.models.conformer import ConformerCTC, config_for, count_parameters  # noqa: E402
 from privasr.train.gradient import BatchClipGradient  # noqa: E402
 from privasr.models.loss import per_example_ctc  # noqa: E402
+from privasr.train.host_memory import host_allocator, keep_freed_memory  # noqa: E402
 
 
 def make_batch(batch_size: int, seconds: float, device: torch.device, seed: int = 0) -> Batch:
@@ -48,10 +49,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                    help="keep: freed host memory stays in the process, as in privasr training")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     a = ap.parse_args()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
+    if a.malloc == "keep":
+        keep_freed_memory()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     batch = make_batch(a.batch, a.seconds, dev)
@@ -99,7 +104,8 @@ def main() -> None:
             "torch": torch.__version__, "device": str(dev),
             "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
             "threads": threads, "batch": a.batch, "seconds_per_utt": a.seconds,
-            "rounds": a.rounds, "warmup": a.warmup, "bf16": a.bf16, "results": results}
+            "rounds": a.rounds, "warmup": a.warmup, "bf16": a.bf16, "host_allocator": host_allocator(),
+            "results": results}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=1))

@@ -143,3 +143,34 @@ def test_output_modified_in_place_raises():
     with pytest.raises(RuntimeError, match="'lin' was modified in place"):
         get_engine("bookkeeping").clipped_sum(InPlace(), [_batch(torch.randn(2, 3))], _loss,
                                               ClipPolicy())
+
+
+class ChannelsLastDepthwise(nn.Module):
+    """A Conformer-style depthwise Conv1d fed (B, T, C) activations transposed to (B, C, T)."""
+
+    def __init__(self, c: int, mult: int, k: int, stride: int, dil: int, pad: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.dw = nn.Conv1d(c, c * mult, k, stride=stride, dilation=dil, padding=pad, groups=c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.dw(self.lin(x).transpose(1, 2))).transpose(1, 2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(mult=st.sampled_from([1, 2]), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+       dil=st.integers(1, 2), pad=st.integers(0, 3), n=st.integers(1, 4),
+       seed=st.integers(0, 2 ** 16))
+def test_depthwise_conv1d_both_layouts_match_loop(mult, k, stride, dil, pad, n, seed):
+    """The shifted-product path for depthwise Conv1d, on channels-last and ordinary inputs."""
+    torch.manual_seed(seed)
+    model = ChannelsLastDepthwise(3, mult, k, stride, dil, pad)
+    _assert_matches_loop(model, torch.randn(n, 13, 3))
+    conv = nn.Conv1d(3, 3 * mult, k, stride=stride, dilation=dil, padding=pad, groups=3)
+    _assert_matches_loop(_materialised(conv, n), torch.randn(n, 3, 13))
+
+
+def _materialised(conv: nn.Conv1d, n: int) -> nn.Module:
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(1), nn.LazyLinear(2))
+    model(torch.randn(n, 3, 13))
+    return model

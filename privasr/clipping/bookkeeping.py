@@ -152,8 +152,8 @@ def _layer_norm(mod: nn.LayerNorm, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
     reduce = tuple(range(1, x.dim() - dims))
     out = {}
     if mod.weight is not None:
-        xhat = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
-        out["weight"] = (gy * xhat).sum(reduce) if reduce else gy * xhat
+        gx = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps).mul_(gy)  # x̂ ⊙ ∂L/∂y
+        out["weight"] = gx.sum(reduce) if reduce else gx
     if mod.bias is not None:
         out["bias"] = gy.sum(reduce) if reduce else gy
     return {k: v.reshape(b, *mod.normalized_shape) for k, v in out.items()}
@@ -176,6 +176,37 @@ def _conv(mod: nn.Conv1d | nn.Conv2d, x: Tensor, gy: Tensor) -> dict[str, Tensor
     return out
 
 
+def _depthwise_conv1d(mod: nn.Conv1d, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
+    """Per-example weight gradients of a depthwise Conv1d (groups = in_channels) as K
+    shifted products: g_i[o, 0, k] = Σ_t ∂L_i/∂y[o, t] · x_pad[o // m, t·s + k·d] (m output
+    channels per input channel). Same numbers as the folded ``convolution_backward``, about
+    3x faster on CPU at Conformer shapes (B·C groups of one channel each are a slow case for
+    oneDNN)."""
+    (k,), (s,), (d,) = mod.kernel_size, mod.stride, mod.dilation
+    (p,) = _pad(mod)
+    m = mod.out_channels // mod.in_channels
+    if m > 1:
+        x = x.repeat_interleave(m, dim=1)
+    span = s * (gy.shape[2] - 1) + 1
+    if x.stride(1) == 1 and gy.stride(1) == 1:      # channels-last (a Conformer's (B, T, C))
+        xt, gt = x.transpose(1, 2), gy.transpose(1, 2)
+        xt = F.pad(xt, (0, 0, p, p)) if p else xt
+        w = torch.stack([(xt[:, j * d:j * d + span:s] * gt).sum(1) for j in range(k)], dim=2)
+    else:
+        xp = F.pad(x, (p, p)) if p else x
+        w = torch.stack([torch.linalg.vecdot(xp[:, :, j * d:j * d + span:s], gy)
+                         for j in range(k)], dim=2)
+    out = {"weight": w.unsqueeze(2)}
+    if mod.bias is not None:
+        out["bias"] = gy.sum(2)
+    return out
+
+
+def _is_depthwise_conv1d(mod: nn.Module) -> bool:
+    return (isinstance(mod, nn.Conv1d) and mod.groups == mod.in_channels > 1
+            and mod.out_channels % mod.in_channels == 0)
+
+
 def _pad(mod: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     return (0,) * len(mod.kernel_size) if mod.padding == "valid" else tuple(mod.padding)
 
@@ -185,6 +216,8 @@ def _module_grads(mod: nn.Module, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
         return _linear(mod, x, gy)
     if isinstance(mod, nn.LayerNorm):
         return _layer_norm(mod, x, gy)
+    if _is_depthwise_conv1d(mod):
+        return _depthwise_conv1d(mod, x, gy)
     return _conv(mod, x, gy)
 
 

@@ -86,7 +86,7 @@ class GaussianNoise:
             # draw on the generator's device, then move: same numbers whatever the param device
             z = torch.randn(shape, generator=gen, device=gen.device, dtype=dtype)
             return (z * std).to(device)
-        return torch.randn(shape, generator=gen, device=device, dtype=dtype) * std
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(std)
 
     def sample_many(self, shapes: list[torch.Size], std: float, *,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -97,5 +97,5 @@ class GaussianNoise:
         if not self.secure:
             return [self.sample(s, std, device=device, dtype=dtype) for s in shapes]
         sizes = [math.prod(s) for s in shapes]
-        flat = (secure_standard_normal(sum(sizes)) * std).to(device=device, dtype=dtype)
+        flat = secure_standard_normal(sum(sizes)).mul_(std).to(device=device, dtype=dtype)
         return [z.view(s) for z, s in zip(torch.split(flat, sizes), shapes)]

@@ -64,7 +64,8 @@ class Release:
             return []
         draws = self.noise.sample_many([t.shape for t in tensors], std,
                                        device=tensors[0].device, dtype=tensors[0].dtype)
-        return [t + z * scale for t, z in zip(tensors, draws)]
+        return [z.add_(t) if scale == 1.0 else z.mul_(scale).add_(t)       # the draws are ours
+                for t, z in zip(tensors, draws)]
 
     def count_noise(self) -> float:
         """The quantile count's draw N(0, σ_b²), after the gradient's (0 when not noised)."""

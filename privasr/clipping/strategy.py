@@ -71,8 +71,8 @@ class ClippedGradient(ReleaseOwner):
         std = rel.noise_std(res.bound)
         params = trainable_parameters(model)
         noised = rel.add_noise([res.grads[n] for n in params], std)
-        for p, g in zip(params.values(), noised):
-            p.grad = (g / denom).to(p.dtype)
+        for p, g in zip(params.values(), noised):      # g: the engine's sum or a fresh draw
+            p.grad = g.div_(denom).to(p.dtype)
         rel.update_bound(res.unclipped, res.units, rel.count_noise(), denom)
         stats = rel.stats(res.norms, res.clipped, bound=res.bound, loss_sum=res.loss_sum,
                           examples=res.examples, denominator=denom, std=std)

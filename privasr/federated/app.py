@@ -33,6 +33,7 @@ from privasr.federated.client import (local_update, speakers_of,  # noqa: E402
 from privasr.federated.config import FLConfig, load_fl_config  # noqa: E402
 from privasr.federated.server import FLServer, run_rounds  # noqa: E402
 from privasr.data.splits import manifest_paths  # noqa: E402
+from privasr.train.host_memory import keep_freed_memory  # noqa: E402
 
 __all__ = ["client_app", "server_app", "make_server_app", "run_server", "run_simulation_fl"]
 
@@ -71,6 +72,7 @@ def _query(msg: Message, ctx: Context) -> Message:
 def _train(msg: Message, ctx: Context) -> Message:
     cfg = _recipe(msg)
     torch.set_num_threads(max(1, cfg.threads))
+    keep_freed_memory()
     name, index = _speaker(cfg, ctx)
     state = msg.content["arrays"].to_torch_state_dict()
     res = local_update(cfg, state, name, round_=int(msg.content["config"]["round"]),

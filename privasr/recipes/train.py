@@ -24,6 +24,7 @@ from privasr.privacy.statement import privacy_statement, statement_text
 from privasr.train.strategies import build_setup
 from privasr.train.timing import TimedGradient
 from privasr.train.trainer import Trainer, pick_device, set_threads
+from privasr.train.host_memory import keep_freed_memory
 
 __all__ = ["run_training", "evaluate_checkpoint", "write_run_report", "WITHHELD_METRICS"]
 
@@ -50,6 +51,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     if ctx is not None:
         log = log if ctx.is_main else (lambda *a, **k: None)
     threads = set_threads(cfg.threads or (0 if ctx is None else D.threads_per_rank(ctx)))
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     cfg = model_family_setup(cfg, log)
     check_settings(cfg.audit)   # audit.norm_probe_*, before any data work
