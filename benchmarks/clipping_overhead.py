@@ -24,6 +24,7 @@ after building the model, over 3 steps. Writes benchmarks/results/clipping_overh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -65,6 +66,20 @@ BASELINE = "nonprivate"
 OUT = Path(__file__).parent / "results" / "clipping_overhead.json"      # CPU
 OUT_CUDA = Path(__file__).parent / "results" / "clipping_overhead_cuda.json"
 DEVICE = torch.device("cpu")          # set by --device
+BF16 = False                          # set by --bf16: the forward under bf16 autocast
+
+
+def _amp():
+    """bf16 autocast on DEVICE when --bf16 (as ``train.bf16`` does on CUDA), else nothing."""
+    if BF16:
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """``per_example_ctc`` under ``_amp()`` (the loss itself is float32 either way)."""
+    with _amp():
+        return per_example_ctc(model, batch)
 
 
 def _sync() -> None:
@@ -134,7 +149,7 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            strat.fill_grads(model, [batch], per_example_ctc)
+            strat.fill_grads(model, [batch], loss_fn)
             opt.step()
 
         return model, step, info
@@ -152,7 +167,7 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
 
             def step() -> None:
                 dpopt.zero_grad(set_to_none=True)
-                per_example_ctc(gsm, batch).mean().backward()
+                loss_fn(gsm, batch).mean().backward()
                 dpopt.step()
         elif name == "opacus_ghost":
             gsm, dpopt, crit, _ = engine.make_private(
@@ -172,7 +187,8 @@ def build_variant(name: str, size: str, batch: Batch, init: dict | None = None, 
 
             def step() -> None:
                 dpopt.zero_grad(set_to_none=True)
-                log_probs, out_lens = gsm(batch.feats, batch.feat_lens)
+                with _amp():
+                    log_probs, out_lens = gsm(batch.feats, batch.feat_lens)
                 crit(log_probs, out_lens, batch.targets, batch.target_lens).backward()
                 dpopt.step()
         else:
@@ -251,8 +267,8 @@ def _status_kb(key: str) -> int:
 
 
 def memory_child(a: argparse.Namespace) -> None:
-    global DEVICE
-    DEVICE = torch.device(a.device)
+    global DEVICE, BF16
+    DEVICE, BF16 = torch.device(a.device), a.bf16
     torch.set_num_threads(a.threads)
     if a.malloc == "keep":
         keep_freed_memory()
@@ -289,7 +305,8 @@ def measure_memory(a: argparse.Namespace, variants: list[str]) -> dict:
     for v in variants:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-variant", v,
                "--size", a.size, "--batch", str(a.batch), "--seconds", str(a.seconds),
-               "--threads", str(a.threads), "--device", a.device, "--malloc", a.malloc]
+               "--threads", str(a.threads), "--device", a.device, "--malloc", a.malloc
+               ] + (["--bf16"] if a.bf16 else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
         if r.returncode or not line:
@@ -337,7 +354,9 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
     strat_mod.GaussianNoise.sample = sample
     try:
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda"
+                                         else [])
+        with profile(activities=acts) as prof:
             for _ in range(2):
                 with record_function("privasr::step"):
                     step()
@@ -350,14 +369,22 @@ def profile_per_example(step: Callable, top: int = 15) -> dict:
     phases = {e.key: e.cpu_time_total / 2e6 for e in avg if e.key.startswith("privasr::")}
     table = [{"op": e.key, "self_cpu_s_per_step": e.self_cpu_time_total / 2e6,
               "calls_per_step": e.count / 2} for e in rows[:top]]
-    return {"phases_s_per_step": phases, "top_ops_by_self_cpu": table}
+    out = {"phases_s_per_step": phases, "top_ops_by_self_cpu": table}
+    if DEVICE.type == "cuda":          # which kernels dominate the GPU time
+        def dev(e) -> float:
+            return getattr(e, "self_device_time_total", 0.0) or getattr(
+                e, "self_cuda_time_total", 0.0)
+        rows = sorted(avg, key=dev, reverse=True)
+        out["top_ops_by_self_device"] = [{"op": e.key, "self_device_s_per_step": dev(e) / 2e6,
+                                          "calls_per_step": e.count / 2} for e in rows[:top]]
+    return out
 
 
 def make_step(name: str, settings: dict) -> tuple[Callable[[], None], Callable[[], None]]:
     """A variant's (step, sync) in a fresh worker process (``interleave_processes``): the same
     seeded init and batch as in the parent."""
-    global DEVICE
-    DEVICE = torch.device(settings["device"])
+    global DEVICE, BF16
+    DEVICE, BF16 = torch.device(settings["device"]), settings.get("bf16", False)
     torch.set_num_threads(settings["threads"])
     batch = make_batch(settings["batch"], settings["seconds"], DEVICE)
     init = {k: v.clone() for k, v in build_model(settings["size"]).state_dict().items()}
@@ -375,6 +402,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help="cpu (the issue's target) or cuda")
+    ap.add_argument("--bf16", action="store_true",
+                    help="forward under bf16 autocast (train.bf16); per-example gradients are "
+                         "still formed and clipped in float32")
     ap.add_argument("--out", default=None, help="default: results/clipping_overhead[_cuda].json")
     ap.add_argument("--shared-process", action="store_true",
                     help="time every variant in this process (default: one worker process "
@@ -383,8 +413,8 @@ def main() -> None:
     if a.memory_variant:
         return memory_child(a)
 
-    global DEVICE
-    DEVICE = torch.device(a.device)
+    global DEVICE, BF16
+    DEVICE, BF16 = torch.device(a.device), a.bf16
     a.out = a.out or str(OUT_CUDA if DEVICE.type == "cuda" else OUT)
     torch.set_num_threads(a.threads)
     if a.malloc == "keep":
@@ -412,6 +442,7 @@ def main() -> None:
                      "loss": "per_example_ctc (CTC NLL / target length); Opacus: mean over "
                              "batch with loss_reduction='mean' -> same Σclip(g_i)/16",
                      "noise": "on (sigma=1) for every private variant, off for nonprivate",
+                     "bf16_autocast": a.bf16,
                      "host_allocator": ("keep-freed (privasr.train.host_memory, as in "
                                         "training)" if a.malloc == "keep" else "glibc default"),
                      "opacus_layer_support": opacus_layer_support(probe)},
@@ -450,7 +481,8 @@ def main() -> None:
         steps.clear()                   # free the parent's copies; the workers build their own
         raw = interleave_processes("clipping_overhead:make_step", names,
                                    {"device": a.device, "threads": a.threads, "batch": a.batch,
-                                    "seconds": a.seconds, "size": a.size, "malloc": a.malloc},
+                                    "seconds": a.seconds, "size": a.size, "malloc": a.malloc,
+                                    "bf16": a.bf16},
                                    a.rounds, a.warmup)
 
     med = {v: {k: statistics.median(raw[v][k]) for k in ("wall_s", "cpu_s")} for v in names}
@@ -517,11 +549,12 @@ def main() -> None:
                           for k, t in tg.items()}
     info["summary"] = summary
 
-    if a.profile and "per_example" in steps:
+    if a.profile and "per_example" in names:
         print("profiling the privasr per-example step (and the non-private one) ...")
-        info["profile_per_example"] = profile_per_example(steps["per_example"])
-        if BASELINE in steps:
-            info["profile_nonprivate"] = profile_per_example(steps[BASELINE])
+        for v in ("per_example", BASELINE):
+            if v in names:
+                step = steps.get(v) or build_variant(v, a.size, batch, init)[1]
+                info[f"profile_{v}"] = profile_per_example(step)
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

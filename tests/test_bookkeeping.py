@@ -140,7 +140,7 @@ class InPlace(nn.Module):
 
 
 def test_output_modified_in_place_raises():
-    with pytest.raises(RuntimeError, match="'lin' was modified in place"):
+    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\)\) was modified in place"):
         get_engine("bookkeeping").clipped_sum(InPlace(), [_batch(torch.randn(2, 3))], _loss,
                                               ClipPolicy())
 

@@ -341,6 +341,21 @@ def test_secure_noise_is_standard_normal_and_unseeded():
         GaussianNoise(generator=torch.Generator(), secure=True)
 
 
+def test_secure_noise_scaled_float32_across_chunks():
+    from privasr.clipping.noise import _CHUNK
+
+    n = _CHUNK + 12_345                                  # two passes of the stream, odd tail
+    z = secure_standard_normal(n, scale=3.0, dtype=torch.float32)
+    assert z.dtype == torch.float32 and z.shape == (n,) and torch.isfinite(z).all()
+    for part in (z[:_CHUNK // 2], z[_CHUNK // 2:_CHUNK], z[_CHUNK:]):   # cos, sin, 2nd pass
+        x = part.double().numpy() / 3.0
+        assert abs(x.mean()) < 0.03 and abs(x.std() - 1.0) < 0.02
+        assert sps.kstest(x, "norm").pvalue > 1e-4
+    h = z[: _CHUNK // 2].double().numpy()               # cos and sin halves of one pass:
+    c = np.corrcoef(h[:12_000], z[_CHUNK // 2:_CHUNK // 2 + 12_000].double().numpy())[0, 1]
+    assert abs(c) < 0.05                                 # independent (Box–Muller pairs)
+
+
 def test_secure_bytes_are_fresh_and_uniform():
     from privasr.clipping.noise import secure_bytes
 

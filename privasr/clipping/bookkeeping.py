@@ -4,14 +4,15 @@ The ``bookkeeping`` engine (after Bu et al., "Differentially private optimizatio
 model at small cost", 2023) never runs the model under ``vmap`` and never asks autograd for
 parameter gradients:
 
-1. forward hooks on every module that owns trainable parameters keep its input ``x`` and its
-   output ``y`` (the tensor in the graph);
-2. ``autograd.grad(Σ_i loss_i, [y, ...])`` returns ``∂L/∂y`` for every hooked output. The weight
-   gradients are not needed for these inputs, so autograd skips them (each matmul backward does
-   one product instead of two);
-3. each module's per-example parameter gradients are rebuilt from (x_i, ∂L_i/∂y_i) with one
-   batched product -- for a Linear, ``g_i = (∂L_i/∂y_i)ᵀ x_i`` -- whose cost is what the
-   ordinary weight gradient costs anyway.
+1. forward hooks on every module that owns trainable parameters wrap its output ``y`` in an
+   identity ``_Tap`` that keeps the module's input ``x``;
+2. ``autograd.grad(Σ_i loss_i, [anchor])``, where ``anchor`` is a scalar every tap depends on,
+   runs the backward through every tapped output but asks for no parameter gradient, so
+   autograd skips them (each matmul backward does one product instead of two);
+3. as soon as a tap's ``∂L/∂y`` is complete, its backward rebuilds the module's per-example
+   parameter gradients from (x_i, ∂L_i/∂y_i) with one batched product -- for a Linear,
+   ``g_i = (∂L_i/∂y_i)ᵀ x_i`` -- whose cost is what the ordinary weight gradient costs
+   anyway, and ``∂L/∂y`` is freed as in an ordinary backward.
 
 Example i's loss depends only on example i's rows (no BatchNorm), so row i of ``∂(Σ loss)/∂y``
 is ``∂loss_i/∂y_i``. Padding rows have zero output gradient when the model masks padding (the
@@ -29,7 +30,6 @@ cannot run the module either, e.g. nn.GRU / nn.LSTM), ``reference`` and ``auto``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -71,17 +71,6 @@ def describe_modules(modules: dict[str, str], limit: int = 6) -> str:
     shown = [f"{name or '<root>'!r} ({what})" for name, what in list(modules.items())[:limit]]
     more = len(modules) - limit
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-@dataclass
-class _Calls:
-    """What one module saw during the forward: its inputs and outputs, one per call."""
-
-    module: nn.Module
-    prefix: str
-    inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
@@ -222,54 +211,73 @@ def _module_grads(mod: nn.Module, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
 
 
 # -- one forward + activation-only backward -------------------------------------------------------
+Sink = Callable[[str, nn.Module, Tensor, Tensor], None]
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a hooked module's output ``y``, tied to a scalar ``anchor``. Its backward
+    hands (x, ∂L/∂y) to ``sink`` as soon as ∂L/∂y is complete, so each module's per-example
+    gradients are built during the backward and its ∂L/∂y is freed right after (the peak
+    never holds every module's ∂L/∂y at once)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, anchor: Tensor, x: Tensor, call: tuple) -> Tensor:
+        ctx.x, ctx.call = x, call
+        return y        # returned as-is: autograd makes it a view (in-place use then raises)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, (sink, prefix, mod) = ctx.x, ctx.call
+        del ctx.x, ctx.call
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        sink(prefix, mod, x.to(dtype), gy.to(dtype))
+        return gy, torch.zeros((), device=gy.device), None, None
+
+
+_INPLACE = "is a view and is being modified inplace"
+
+
 def _capture(model: nn.Module, batch: Batch, loss_fn: LossFn,
-             check_losses: Callable[[Tensor, int], Tensor], want: bool
-             ) -> tuple[list[tuple[_Calls, list[tuple[Tensor, Tensor]]]], Tensor]:
-    """[(module record, [(x, ∂L/∂y) per call])], (B,) losses."""
-    calls = {name: _Calls(mod, f"{name}." if name else "")
-             for name, mod in check_supported(model).items()}
+             check_losses: Callable[[Tensor, int], Tensor], want: bool, sink: Sink) -> Tensor:
+    """Run ``loss_fn`` with every module owning trainable parameters tapped, then one
+    activation-only backward (autograd.grad w.r.t. the taps' anchor only: no parameter
+    gradient is computed) that calls ``sink(prefix, module, x, ∂L/∂y)`` once per module call.
+    Returns the (B,) losses."""
+    owners = check_supported(model)
+    ref = next(iter(model.parameters()), None)
+    anchor = torch.zeros((), requires_grad=True,
+                         device=ref.device if ref is not None else None)
+    tapped: list[str] = []
 
-    def hook(rec: _Calls):
-        def save(_mod: nn.Module, args: tuple, output: Tensor) -> None:
+    def hook(name: str, mod: nn.Module):
+        call = (sink, f"{name}." if name else "", mod)
+
+        def tap(_mod: nn.Module, args: tuple, output: Tensor):
             if isinstance(output, Tensor) and output.requires_grad:
-                rec.inputs.append(args[0].detach())
-                rec.outputs.append(output)
-                rec.versions.append(output._version)
-        return save
+                tapped.append(name)
+                return _Tap.apply(output, anchor, args[0].detach(), call)
+            return None
+        return tap
 
-    handles = [rec.module.register_forward_hook(hook(rec)) for rec in calls.values()]
+    handles = [mod.register_forward_hook(hook(name, mod)) for name, mod in owners.items()]
     try:
         losses = check_losses(loss_fn(model, batch), len(batch))
+    except RuntimeError as err:
+        if _INPLACE not in str(err):
+            raise
+        raise RuntimeError(f"engine 'bookkeeping': the output of a module with trainable "
+                           f"parameters (one of {describe_modules({n: type(m).__name__ for n, m in owners.items()})}) "
+                           f"was modified in place after its forward; use engine='vectorized'"
+                           ) from err
     finally:
         for h in handles:
             h.remove()
-    recs = [(rec, i) for rec in calls.values() for i in range(len(rec.outputs))]
-    for rec, i in recs:
-        if rec.outputs[i]._version != rec.versions[i]:
-            raise RuntimeError(f"engine 'bookkeeping': the output of {rec.prefix[:-1]!r} was "
-                               f"modified in place after its forward; use engine='vectorized'")
-    if want and not recs:
+    if want and not tapped:
         raise RuntimeError("the loss does not depend on any hooked module output: loss_fn must "
                            "get its outputs by calling model(...) on the batch")
-    out_grads = torch.autograd.grad(losses.sum(), [rec.outputs[i] for rec, i in recs],
-                                    allow_unused=True) if recs else ()
-    per_module: dict[int, tuple[_Calls, list[tuple[Tensor, Tensor]]]] = {}
-    for (rec, i), gy in zip(recs, out_grads):
-        if gy is not None:
-            x = rec.inputs[i]
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            per_module.setdefault(id(rec), (rec, []))[1].append((x.to(dtype), gy.to(dtype)))
-    for rec in calls.values():
-        rec.inputs.clear(), rec.outputs.clear()
-    return list(per_module.values()), losses.detach()
-
-
-def _summed_grads(rec: _Calls, pairs: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for x, gy in pairs:
-        for pname, g in _module_grads(rec.module, x, gy).items():
-            out[pname] = out[pname] + g if pname in out else g
-    return out
+    if tapped:
+        torch.autograd.grad(losses.sum(), [anchor], allow_unused=True)
+    return losses.detach()
 
 
 def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], batch: Batch,
@@ -277,9 +285,14 @@ def hooked_per_example_grads(model: nn.Module, params: dict[str, nn.Parameter], 
                              ) -> tuple[dict[str, Tensor], Tensor]:
     """({name: (B, *shape)} per-example gradients of ``loss_fn``'s (B,) losses, the losses)."""
     n = len(batch)
-    modules, losses = _capture(model, batch, loss_fn, check_losses, bool(params))
-    grads = {rec.prefix + k: g for rec, pairs in modules
-             for k, g in _summed_grads(rec, pairs).items() if rec.prefix + k in params}
+    grads: dict[str, Tensor] = {}
+
+    def add(prefix: str, mod: nn.Module, x: Tensor, gy: Tensor) -> None:
+        for k, g in _module_grads(mod, x, gy).items():
+            if (key := prefix + k) in params:
+                grads[key] = grads[key] + g if key in grads else g
+
+    losses = _capture(model, batch, loss_fn, check_losses, bool(params), add)
     return ({k: grads[k].to(p.dtype) if k in grads
              else torch.zeros(n, *p.shape, dtype=p.dtype, device=p.device)
              for k, p in params.items()}, losses)
@@ -299,25 +312,30 @@ def hooked_clipped_sum(model: nn.Module, params: dict[str, nn.Parameter], batch:
     ``names`` to the (B, L) clipping factors (``_UnitClipper.factors``).
     """
     n = len(batch)
-    modules, losses = _capture(model, batch, loss_fn, check_losses, bool(params))
+    calls: dict[str, tuple[nn.Module, list[tuple[Tensor, Tensor]]]] = {}
+
+    def keep(prefix: str, mod: nn.Module, x: Tensor, gy: Tensor) -> None:
+        calls.setdefault(prefix, (mod, []))[1].append((x, gy))
+
+    losses = _capture(model, batch, loss_fn, check_losses, bool(params), keep)
     kept: dict[str, Tensor] = {}
     sq: dict[str, Tensor] = {}
     deferred: dict[str, tuple[Tensor, Tensor]] = {}       # Linear weight -> (x3, g3)
-    for rec, pairs in modules:
-        mod = rec.module
+    for prefix, (mod, pairs) in calls.items():
         if isinstance(mod, nn.Linear) and len(pairs) == 1 and mod.weight.requires_grad:
             x, gy = pairs[0]
             x3, g3 = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
-            key = rec.prefix + "weight"
+            key = prefix + "weight"
             sq[key] = torch.linalg.vector_norm(torch.bmm(g3.transpose(1, 2), x3).flatten(1),
                                                dim=1).square()
             deferred[key] = (x3, g3)
             if mod.bias is not None and mod.bias.requires_grad:
-                kept[rec.prefix + "bias"] = g3.sum(1)
+                kept[prefix + "bias"] = g3.sum(1)
             continue
-        for k, g in _summed_grads(rec, pairs).items():
-            if rec.prefix + k in params:
-                kept[rec.prefix + k] = g
+        for x, gy in pairs:
+            for k, g in _module_grads(mod, x, gy).items():
+                if (key := prefix + k) in params:
+                    kept[key] = kept[key] + g if key in kept else g
     for k, g in kept.items():
         sq[k] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
     if not names:
