@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -228,9 +229,12 @@ def test_two_round_simulation_with_failing_and_timed_out_clients(tiny_corpus, tm
                                 "server.optimizer=lamb",
                                 "server.lr=0.01", *common])
     res = run_simulation_fl(cfg, log=logs.append)
-    assert res["rounds"] == 2 and res["failed_clients"] == 2, logs
-    assert [r["aggregated"] for r in res["history"]] == [n - 1, n - 1]
-    assert any(bad in line or "failed" in line for line in logs)
+    # realised cohort / failure counts and client times are not covered by ε: withheld from
+    # the results (NaN / None), the failures only in the operator's log
+    assert res["rounds"] == 2 and res["failed_clients"] is None, logs
+    assert all(math.isnan(r[k]) for r in res["history"]
+               for k in ("aggregated", "failed", "round_time_ratio"))
+    assert len([ln for ln in logs if re.match(r"round \d: client \d+ failed", ln)]) == 2, logs
     assert res["epsilon"] == pytest.approx(epsilon(0.7, 1.0, 2, 1e-3), rel=1e-9)
     assert 0.0 <= res["test_cer"] and math.isfinite(res["test_loss"])
     ck = load_checkpoint(tmp_path / "a" / "server.pt")
@@ -257,3 +261,44 @@ def test_cli_fl_rejects_a_bad_recipe_with_a_message(capsys):
     assert main(["fl", "configs/fl_dp.yaml", "server.optimizer=sgd"]) == 2
     err = capsys.readouterr().err
     assert "server.optimizer='sgd'" in err and "lamb" in err
+
+
+def test_round_parallelism_ratio():
+    from privasr.federated.server import round_parallelism
+
+    r = round_parallelism(12.0, [4.0, 4.0, 4.0, 8.0], workers=2)      # ideal 20/2 = 10 s
+    assert r["round_time_ratio"] == pytest.approx(1.2) and r["workers"] == 2
+    assert r["round_time_ratio_to_bound"] == pytest.approx(1.2)
+    r = round_parallelism(9.0, [1.0, 8.0], workers=4)                # 2 clients, 2 workers used
+    assert r["workers"] == 2 and r["round_time_ratio"] == pytest.approx(9.0 / 4.5)
+    assert r["round_time_ratio_to_bound"] == pytest.approx(9.0 / 8.0)   # slowest client binds
+    assert math.isnan(round_parallelism(3.0, [], workers=2)["round_time_ratio"])
+
+
+def test_exchange_collects_replies_over_pulls_and_stops_at_the_timeout():
+    """``exchange`` (send_and_receive with a progress bar) against a grid whose replies trickle
+    in: all replies when they arrive in time, only the early ones when the timeout passes."""
+    from types import SimpleNamespace as NS
+
+    from privasr.federated.app import exchange
+
+    class Trickle:
+        def __init__(self, never: int = 0):
+            self.pulls, self.never = 0, never
+
+        def push_messages(self, msgs):
+            self.ids = [str(i) for i in range(len(msgs))]
+            return list(self.ids)
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            due = [i for i in sorted(ids) if int(i) < min(self.pulls, len(self.ids) - self.never)]
+            return [NS(metadata=NS(reply_to_message_id=i)) for i in due]
+
+    grid = Trickle()
+    reps = exchange(grid, [None] * 4, timeout=None, progress=False, desc="t", pull_interval=0)
+    assert sorted(r.metadata.reply_to_message_id for r in reps) == ["0", "1", "2", "3"]
+    assert grid.pulls == 4
+    grid = Trickle(never=2)
+    reps = exchange(grid, [None] * 4, timeout=0.05, progress=False, desc="t", pull_interval=0.01)
+    assert sorted(r.metadata.reply_to_message_id for r in reps) == ["0", "1"]

@@ -30,6 +30,17 @@ def test_poisson_sampler_rate_determinism_and_physical_split():
     assert any(tiny.logical_batch(t) == [] for t in range(50))  # empty draws happen
 
 
+def test_poisson_draw_sorted_by_length_before_the_physical_split():
+    lengths = [float((7 * i) % 13) for i in range(400)]
+    plain = PoissonSampler(400, expected_batch_size=40, max_physical=8, seed=1)
+    s = PoissonSampler(400, expected_batch_size=40, max_physical=8, seed=1, lengths=lengths)
+    for t in range(5):
+        flat = sum(s.logical_batch(t), [])
+        assert sorted(flat) == sorted(plain.draw(t))          # the same examples ...
+        assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)   # ... by length
+        assert all(len(b) <= 8 for b in s.logical_batch(t))
+
+
 def test_dpsgd_recipe_reaches_target_epsilon_and_records_it(tiny_corpus, tmp_path):
     corpus, _, _ = tiny_corpus
     cfg = load_config("configs/dpsgd_eps8.yaml",

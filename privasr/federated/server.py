@@ -22,10 +22,11 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from privasr.clipping.noise import GaussianNoise
 from privasr.clipping.release import Release
@@ -181,8 +182,11 @@ class FLServer:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def step(self, deltas: list[Mapping[str, Tensor]], *, sampled: int, failed: int,
-             seconds: float = math.nan) -> dict:
-        """Aggregate the valid deltas, apply the server optimizer, record the round."""
+             seconds: float = math.nan, client_seconds: Sequence[float] = (),
+             workers: int | None = None) -> dict:
+        """Aggregate the valid deltas, apply the server optimizer, record the round.
+        ``client_seconds``: the replying clients' local training times; ``workers``: how many
+        train at once (None: all of them)."""
         self.check_budget()
         usable, invalid = [], 0
         for dl in deltas:
@@ -205,11 +209,12 @@ class FLServer:
         upd = math.sqrt(sum(float(u.double().pow(2).sum()) for u in agg.update.values()))
         row = {"round": self.round, "sampled": sampled, "aggregated": agg.clients,
                "failed": failed + invalid, "clipped": agg.clipped, "update_norm": upd,
-               "epsilon": self.epsilon(), "round_seconds": seconds}
+               "epsilon": self.epsilon(), "round_seconds": seconds,
+               **round_parallelism(seconds, client_seconds, workers)}
         if self.extrapolation is not None:   # "epsilon" stays this run's own (simulated) ε
             row["epsilon_extrapolated"] = self.epsilon_extrapolated()
-        if self.ledger is not None:   # realised cohort and clipping counts: not covered by ε
-            row.update(sampled=math.nan, aggregated=math.nan, failed=math.nan, clipped=math.nan)
+        if self.ledger is not None:   # realised cohort, clipping counts and client times:
+            row.update({k: math.nan for k in PRIVATE_ROUND_STATS})      # not covered by ε
         self.history.append(row)
         self.metrics.log("rounds", self.round, {k: v for k, v in row.items() if k != "round"})
         return row
@@ -300,7 +305,10 @@ class FLServer:
             "expected_cohort": self.expected_cohort, "sample_rate": self.q,
             "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
             "mean_round_seconds": sum(secs) / len(secs) if secs else None,
-            "wall_seconds": wall, "failed_clients": sum(r["failed"] for r in self.history),
+            "round_time_ratio_median": _median_finite(
+                [r.get("round_time_ratio", math.nan) for r in self.history]),
+            "wall_seconds": wall, "failed_clients": (None if self.ledger is not None   # withheld
+                                                      else sum(r["failed"] for r in self.history)),
             "history": self.history,
             "privacy": self.ledger.to_dict() if self.ledger else None,
             "privacy_statement": privacy_statement(
@@ -333,9 +341,41 @@ class FLServer:
         self.metrics.close()
 
 
-def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[list, int]],
-               ) -> dict:
-    """The round loop for any transport: ``train_cohort(round, speakers) -> (deltas, failed)``."""
+PRIVATE_ROUND_STATS = ("sampled", "aggregated", "failed", "clipped", "client_train_seconds_sum",
+                       "client_train_seconds_max", "round_time_ratio", "round_time_ratio_to_bound")
+
+
+def round_parallelism(seconds: float, client_seconds: Sequence[float],
+                      workers: int | None) -> dict:
+    """How well a round used its workers: ``round_time_ratio`` = round wall time / (Σ client
+    training time / workers), and ``round_time_ratio_to_bound`` against the makespan's lower
+    bound max(Σ / workers, slowest client). 1.0 is perfect; the excess is transport,
+    scheduling, server-side work and idle workers. NaN without client times."""
+    ts = [t for t in client_seconds if math.isfinite(t)]
+    if not ts or not math.isfinite(seconds):
+        return {"client_train_seconds_sum": math.nan, "client_train_seconds_max": math.nan,
+                "workers": workers, "round_time_ratio": math.nan,
+                "round_time_ratio_to_bound": math.nan}
+    w = min(workers or len(ts), len(ts))
+    ideal = sum(ts) / w
+    return {"client_train_seconds_sum": sum(ts), "client_train_seconds_max": max(ts),
+            "workers": w, "round_time_ratio": seconds / ideal,
+            "round_time_ratio_to_bound": seconds / max(ideal, max(ts))}
+
+
+def _median_finite(xs: Sequence[float]) -> float | None:
+    xs = sorted(x for x in xs if isinstance(x, (int, float)) and math.isfinite(x))
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def run_rounds(server: FLServer,
+               train_cohort: Callable[[int, list[str]], tuple[list, int, list[float]]], *,
+               workers: int | None = None) -> dict:
+    """The round loop for any transport: ``train_cohort(round, speakers) -> (deltas, failed,
+    the clients' local training seconds)``; ``workers``: clients trained at once."""
     from privasr.errors import StopTraining
 
     t0 = time.time()
@@ -344,6 +384,8 @@ def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[
         server.log(f"resumed from {server.ckpt_path} at round {server.round}")
     server.log(server.describe())
     stopped = None
+    bar = tqdm(total=cfg.server.rounds, initial=server.round, desc="FL", unit="round",
+               disable=not cfg.progress, dynamic_ncols=True)
     while server.round < cfg.server.rounds:
         try:
             server.check_budget()
@@ -353,17 +395,23 @@ def run_rounds(server: FLServer, train_cohort: Callable[[int, list[str]], tuple[
             break
         cohort = server.cohort()
         t = time.time()
-        deltas, failed = train_cohort(server.round, cohort)
-        row = server.step(deltas, sampled=len(cohort), failed=failed, seconds=time.time() - t)
+        deltas, failed, client_seconds = train_cohort(server.round, cohort)
+        row = server.step(deltas, sampled=len(cohort), failed=failed, seconds=time.time() - t,
+                          client_seconds=client_seconds, workers=workers)
         eps = server.epsilon_text(row["epsilon"], row.get("epsilon_extrapolated"))
         msg = (f"round {row['round']}/{cfg.server.rounds}: {row['aggregated']}/{row['sampled']} "
                f"clients ({row['failed']} failed, {row['clipped']} clipped), "
-               f"‖Δ̄‖ = {row['update_norm']:.3g}, {eps}, {row['round_seconds']:.1f} s")
+               f"‖Δ̄‖ = {row['update_norm']:.3g}, {eps}, {row['round_seconds']:.1f} s"
+               + (f" ({row['round_time_ratio']:.2f}x Σ client time / {row['workers']} workers)"
+                  if math.isfinite(row.get("round_time_ratio", math.nan)) else ""))
         if row["round"] % cfg.eval_every == 0 and row["round"] < cfg.server.rounds:
             ev = server.evaluate_test()
             msg += f"; test WER {ev['wer']:.3f} CER {ev['cer']:.3f}"
         server.save()
+        bar.update(1)
+        bar.set_postfix_str(f"{eps}, {row['round_seconds']:.0f} s/round")
         server.log(msg)
+    bar.close()
     test = server.evaluate_test()
     server.log(f"final test WER {test['wer']:.3f} CER {test['cer']:.3f} after {server.round} "
                f"rounds; {server.epsilon_text(server.epsilon(), server.epsilon_extrapolated())}")

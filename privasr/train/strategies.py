@@ -261,15 +261,20 @@ def _shard(ctx: DistContext | None, strategy: Any = None):
 def _plan(cfg: TrainConfig, train_ds: AsrDataset, source: RandomSource | None,
           units: list[list[int]] | None) -> Any:
     """Duration buckets, or Poisson sampling of privacy units (from ``source``: secret for DP
-    runs; None: the public seed). A speaker unit contributes all of its utterances."""
+    runs; None: the public seed). A speaker unit contributes all of its utterances. For
+    per-example and per-speaker units (whose clipped sum does not depend on the order of the
+    draw) each draw is sorted by duration before it is split into physical batches."""
     pc = cfg.privacy
     if pc.sampling == "poisson":
         n = len(units) if units is not None else len(train_ds)
-        whole = pc.policy.get("unit") == "speaker"
+        unit = pc.policy.get("unit", "example")
+        whole = unit == "speaker"
         return PoissonPlan(PoissonSampler(n, expected_batch_size=pc.expected_batch_size,
                                           max_physical=pc.max_physical, seed=cfg.seed,
                                           source=source, members=units,
-                                          whole_units=whole))
+                                          whole_units=whole,
+                                          lengths=(train_ds.durations
+                                                   if unit in ("example", "speaker") else None)))
     return BucketPlan(DurationBucketSampler(
         train_ds.durations, max_seconds=cfg.batch.max_seconds, max_utts=cfg.batch.max_utts,
         seed=cfg.seed), cfg.optim.grad_accum)
