@@ -106,6 +106,33 @@ def test_server_round_is_hand_fedavg_and_skips_bad_clients(fl_manifest, tmp_path
     assert server.ledger is None and server.round == 1 and math.isinf(row["epsilon"])
 
 
+def test_no_clipping_is_the_plain_mean_of_the_replies(fl_manifest, tmp_path, one_thread):
+    """dp.policy={}: the non-private FedAvg reference averages the raw deltas over the replies."""
+    from privasr.federated.server import FLServer
+
+    cfg = _cfg(fl_manifest, tmp_path / "run", "server.optimizer=fedavg", "server.lr=1.0",
+               "dp.policy={}")
+    server = FLServer(cfg, log=lambda *_: None)
+    before = {n: p.detach().clone() for n, p in server.model.named_parameters()}
+    deltas = _deltas(server.shapes, 3, scale=5.0)     # far above any bound a policy would set
+    row = server.step(deltas, sampled=3, failed=0)
+    for n, p in server.model.named_parameters():
+        want = before[n] + sum(d[n] for d in deltas) / 3.0
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-5)
+    assert row["clipped"] == 0 and row["delta_norm_median"] == pytest.approx(
+        sorted(_norm(d) for d in deltas)[1], rel=1e-6)
+    res = server.results({"wer": 1.0, "cer": 1.0, "loss": 1.0}, 0.0)
+    assert res["clipping"] == "none" and res["clip_bound"] is None and res["epsilon"] == "inf"
+
+
+@pytest.mark.parametrize("extra", [["dp.target_epsilon=8"], ["dp.noise_multiplier=1.0"]])
+def test_no_clipping_cannot_be_noised(tmp_path, extra):
+    from privasr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no clipping"):
+        load_fl_config(None, [f"out_dir={tmp_path}", "dp.policy={}", *extra])
+
+
 def test_user_level_epsilon_matches_dp_accounting(fl_manifest, tmp_path, one_thread):
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant

@@ -6,7 +6,8 @@
 The denominator is the *expected* cohort size (q·N), not the number of replies: a client that
 was sampled but failed or timed out simply contributes nothing, which is what the accountant's
 Poisson-subsampled Gaussian mechanism already covers (a missing client is a zero delta).
-Noise scale, draws and denominator are the shared ``Release``'s.
+Noise scale, draws and denominator are the shared ``Release``'s. Without clipping (``release``
+None, the non-private reference) Δ̄ is the plain mean of the replies (FedAvg, equal weights).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from privasr.clipping.release import Release
-from privasr.federated.clip import DeltaClipper
+from privasr.federated.clip import DeltaClipper, NoClip
 
 __all__ = ["RoundAggregate", "aggregate"]
 
@@ -31,9 +32,10 @@ class RoundAggregate:
     norms: list[float] = field(default_factory=list)  # pre-clipping norms (not private)
 
 
-def aggregate(deltas: Sequence[Mapping[str, Tensor]], clipper: DeltaClipper, release: Release,
-              shapes: Mapping[str, torch.Size]) -> RoundAggregate:
-    """Clip every delta, sum, add N(0, (σ·C)²) per coordinate, divide by E[cohort]."""
+def aggregate(deltas: Sequence[Mapping[str, Tensor]], clipper: DeltaClipper | NoClip,
+              release: Release | None, shapes: Mapping[str, torch.Size]) -> RoundAggregate:
+    """Clip every delta, sum, add N(0, (σ·C)²) per coordinate, divide by E[cohort]; with
+    ``release`` None, the mean of the (unclipped) replies."""
     total = {n: torch.zeros(shapes[n], dtype=torch.float64) for n in clipper.names}
     clipped, norms = 0, []
     for d in deltas:
@@ -42,8 +44,12 @@ def aggregate(deltas: Sequence[Mapping[str, Tensor]], clipper: DeltaClipper, rel
         norms.append(c.norm)
         for n in clipper.names:
             total[n] += c.delta[n].double()
-    denom = release.denominator(len(deltas))
-    noised = release.add_noise([total[n].float() for n in clipper.names],
-                               release.noise_std(clipper.bound))
+    if release is None:
+        denom = float(max(len(deltas), 1))
+        noised = [total[n].float() for n in clipper.names]
+    else:
+        denom = release.denominator(len(deltas))
+        noised = release.add_noise([total[n].float() for n in clipper.names],
+                                   release.noise_std(clipper.bound))
     update = {n: s / denom for n, s in zip(clipper.names, noised)}
     return RoundAggregate(update, len(deltas), clipped, norms)

@@ -52,7 +52,8 @@ class DPConfig:
 
     # the ClipPolicy of a client delta (privasr.clipping.policy; the same keys as
     # privasr train's privacy.policy): unit client; scope global, or per_layer with
-    # per_layer_rule=uniform (ml-pfl4asr) or layer_bounds {pattern: C_l}; bound fixed
+    # per_layer_rule=uniform (ml-pfl4asr) or layer_bounds {pattern: C_l}; bound fixed.
+    # {} = no clipping: plain FedAvg over the replies (the non-private reference; σ must be 0)
     policy: dict = field(default_factory=lambda: {"unit": "client", "clip_norm": 1.0})
     noise_multiplier: float | None = None  # σ; None: calibrated to target_epsilon
     target_epsilon: float | None = None    # None with noise_multiplier None: σ = 0 (no DP)
@@ -139,6 +140,10 @@ class FLConfig:
             self._check_extrapolate(bad)
         dp_on = (bool(self.dp.noise_multiplier) or self.dp.target_epsilon is not None
                  or self.extrapolate is not None)
+        if dp_on and not self.dp.policy:
+            raise bad("dp.policy={} is no clipping (the non-private FedAvg reference): it cannot "
+                      "be DP; give dp.policy.clip_norm, or drop dp.target_epsilon / "
+                      "dp.noise_multiplier / extrapolate")
         if dp_on and self.server.sampling != "poisson":
             raise bad("DP (σ > 0) needs server.sampling=poisson: the user-level accountant "
                       "assumes each speaker joins a round independently with probability "

@@ -38,7 +38,7 @@ from privasr.federated.accounting import (Extrapolation, build_ledger, extrapola
                                           simulated_epsilon_report)
 from privasr.federated.aggregate import aggregate
 from privasr.federated.client import speakers_of
-from privasr.federated.clip import DeltaClipper, client_policy, policy_label
+from privasr.federated.clip import DeltaClipper, NoClip, client_policy, policy_label
 from privasr.federated.cohort import sample_cohort, sample_rate
 from privasr.federated.config import FLConfig, local_train_config
 from privasr.federated.optim import apply_update, build_server_optimizer
@@ -125,7 +125,8 @@ class FLServer:
         # the recipe's dp.policy, unit = client: the same ClipPolicy as privasr train's
         self.policy = client_policy(d.policy, noise_multiplier=self.noise_multiplier,
                                     expected_cohort=self.expected_cohort)
-        self.clipper = DeltaClipper(self.policy, list(params))
+        self.clipper = (DeltaClipper(self.policy, list(params)) if self.policy is not None
+                        else NoClip(list(params)))
         # secret cohorts and noise whenever σ > 0 (the key lives in memory only)
         self.secret = self.ledger is not None and d.randomness == "secret"
         self.source = SecretRandomness() if self.secret else None
@@ -200,7 +201,8 @@ class FLServer:
             _noise_seed(self.cfg.seed, self.round))
         if self.ledger is not None:   # the ledger records the σ and q this round applies
             self.ledger.set_params(noise_multiplier=self.noise_multiplier, sample_rate=self.q)
-        release = Release(self.policy, GaussianNoise(generator=gen, secure=self.secret))
+        release = (Release(self.policy, GaussianNoise(generator=gen, secure=self.secret))
+                   if self.policy is not None else None)
         agg = aggregate(usable, self.clipper, release, self.shapes)
         apply_update(self.model, self.optimizer, agg.update)
         if self.ledger is not None:
@@ -210,6 +212,7 @@ class FLServer:
         row = {"round": self.round, "sampled": sampled, "aggregated": agg.clients,
                "failed": failed + invalid, "clipped": agg.clipped, "update_norm": upd,
                "epsilon": self.epsilon(), "round_seconds": seconds,
+               "delta_norm_median": _nan_if_none(_median_finite(agg.norms)),
                **round_parallelism(seconds, client_seconds, workers)}
         if self.extrapolation is not None:   # "epsilon" stays this run's own (simulated) ε
             row["epsilon_extrapolated"] = self.epsilon_extrapolated()
@@ -296,11 +299,13 @@ class FLServer:
         eps = self.epsilon()
         secs = [r["round_seconds"] for r in self.history if math.isfinite(r["round_seconds"])]
         out = {
-            "clipping": policy_label(self.policy), "clip_policy": self.policy.to_dict(),
+            "clipping": policy_label(self.policy),
+            "clip_policy": self.policy.to_dict() if self.policy is not None else None,
             "server_optimizer": cfg.server.optimizer,
             "epsilon": eps if math.isfinite(eps) else "inf", "delta": self.delta,
             "privacy_unit": "speaker (user-level, one client = one speaker)",
-            "noise_multiplier": self.noise_multiplier, "clip_bound": self.clipper.bound,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_bound": self.clipper.bound if self.policy is not None else None,
             "rounds": self.round, "population": self.population,
             "expected_cohort": self.expected_cohort, "sample_rate": self.q,
             "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
@@ -341,7 +346,8 @@ class FLServer:
         self.metrics.close()
 
 
-PRIVATE_ROUND_STATS = ("sampled", "aggregated", "failed", "clipped", "client_train_seconds_sum",
+PRIVATE_ROUND_STATS = ("sampled", "aggregated", "failed", "clipped", "delta_norm_median",
+                       "client_train_seconds_sum",
                        "client_train_seconds_max", "round_time_ratio", "round_time_ratio_to_bound")
 
 
@@ -361,6 +367,10 @@ def round_parallelism(seconds: float, client_seconds: Sequence[float],
     return {"client_train_seconds_sum": sum(ts), "client_train_seconds_max": max(ts),
             "workers": w, "round_time_ratio": seconds / ideal,
             "round_time_ratio_to_bound": seconds / max(ideal, max(ts))}
+
+
+def _nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else x
 
 
 def _median_finite(xs: Sequence[float]) -> float | None:
