@@ -171,6 +171,9 @@ def probe_clip_norm(cfg: FLConfig, seed_ckpt: Path, dev: Path, draws: int) -> di
     from privasr.federated.client import local_update, speakers_of
     from privasr.models.build import build_model
 
+    from privasr.train.host_memory import keep_freed_memory
+
+    keep_freed_memory()                 # as a client does (glibc would return memory per step)
     torch.set_num_threads(2)
     model = build_model(cfg, len(CharTokenizer().symbols))
     model.load_state_dict(load_checkpoint(seed_ckpt)["model"])

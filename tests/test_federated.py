@@ -329,3 +329,37 @@ def test_exchange_collects_replies_over_pulls_and_stops_at_the_timeout():
     grid = Trickle(never=2)
     reps = exchange(grid, [None] * 4, timeout=0.05, progress=False, desc="t", pull_interval=0.01)
     assert sorted(r.metadata.reply_to_message_id for r in reps) == ["0", "1"]
+
+
+def test_client_reads_only_its_speaker_and_caches_features_per_speaker(tiny_corpus, tmp_path):
+    """A client's dataset holds exactly its speaker's utterances, with the features the whole-
+    manifest path gives; the one-pool warm-up writes the caches the clients then read."""
+    import shutil
+
+    from privasr.data.dataset import compute_features, feature_cache_path
+    from privasr.data.features import FeatureConfig
+    from privasr.data.manifest import read_manifest
+    from privasr.federated import client
+
+    corpus, _, _ = tiny_corpus
+    dest = tmp_path / "c"
+    dest.mkdir()
+    shutil.copy(corpus / "train.jsonl", dest / "train.jsonl")
+    (dest / "audio").symlink_to(corpus / "audio")
+    cfg = _cfg(dest, tmp_path / "run", "data.feature_workers=1", "progress=false")
+    utts = read_manifest(dest / "train.jsonl")
+    speakers = client.speakers_of(dest / "train.jsonl")
+    assert speakers == sorted({u.speaker for u in utts})
+    assert client.warm_feature_cache(cfg) == len(speakers)
+    assert client.warm_feature_cache(cfg) == 0                  # all cached now
+    full = dict(zip([u.id for u in utts], compute_features(utts, FeatureConfig(),
+                                                           progress=False)))
+    for spk in speakers[:3]:
+        mine = [u for u in utts if u.speaker == spk]
+        assert feature_cache_path(mine, FeatureConfig(), dest / "feats").exists()
+        ds = client.speaker_dataset(cfg, spk)
+        assert [u.id for u in ds.utts] == [u.id for u in mine]
+        for u, f in zip(ds.utts, ds.feats):
+            torch.testing.assert_close(f, full[u.id])
+    with pytest.raises(ValueError, match="no utterances"):
+        client.speaker_dataset(cfg, "nobody")

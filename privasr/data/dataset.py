@@ -42,6 +42,31 @@ def _cache_key(utts: Sequence[Utterance], cfg: FeatureConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def feature_cache_path(utts: Sequence[Utterance], cfg: FeatureConfig, cache_dir: str | Path
+                       ) -> Path:
+    """Where ``compute_features(utts, cfg, cache_dir=cache_dir)`` keeps its result."""
+    return Path(cache_dir) / f"feats-{_cache_key(utts, cfg)}.pt"
+
+
+def cache_feature_groups(groups: Sequence[Sequence[Utterance]], cfg: FeatureConfig, *,
+                         cache_dir: str | Path, workers: int = 1, progress: bool = True,
+                         desc: str = "features") -> int:
+    """Fill the cache of each group (as ``compute_features(group, ...)`` would) in one pass
+    over the groups whose cache is missing: one worker pool, not one per group. Returns the
+    number of groups computed."""
+    missing = [g for g in groups if not feature_cache_path(g, cfg, cache_dir).exists()]
+    if not missing:
+        return 0
+    flat = compute_features([u for g in missing for u in g], cfg, workers=workers,
+                            progress=progress, desc=desc)
+    i = 0
+    for g in missing:
+        with atomic_path(feature_cache_path(g, cfg, cache_dir)) as tmp:
+            torch.save(flat[i:i + len(g)], tmp)
+        i += len(g)
+    return len(missing)
+
+
 def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConfig(), *,
                      cache_dir: str | Path | None = None, workers: int = 1,
                      progress: bool = True, desc: str = "features") -> list[torch.Tensor]:
@@ -49,7 +74,7 @@ def compute_features(utts: Sequence[Utterance], cfg: FeatureConfig = FeatureConf
     cached on disk under ``cache_dir`` when given."""
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"feats-{_cache_key(utts, cfg)}.pt"
+        path = feature_cache_path(utts, cfg, cache_dir)
         if path.exists():
             return torch.load(path)
     items = [(u, cfg) for u in utts]

@@ -70,10 +70,14 @@ def hf_ctc_output_frames(model_dir: str | Path) -> Callable[[int], int]:
 
 
 def load_split(path: Path, cfg: TrainConfig, tok: CharTokenizer, report: SkipReport,
-               limit: int | None = None, speeds: Sequence[float] = ()) -> AsrDataset:
+               limit: int | None = None, speeds: Sequence[float] = (),
+               utts: Sequence[Utterance] | None = None) -> AsrDataset:
     """A manifest's utterances with cached features (``feature_config``), plus speed-perturbed
-    copies if asked."""
-    utts: list[Utterance] = read_manifest(path, on_error=cfg.data.on_error, report=report)
+    copies if asked. ``utts``: a subset already read from ``path`` (e.g. one speaker's), whose
+    features are cached on their own beside the manifest."""
+    if utts is None:
+        utts = read_manifest(path, on_error=cfg.data.on_error, report=report)
+    utts = list(utts)
     if limit is not None:
         utts = utts[:limit]
     utts = validate(utts, on_error=cfg.data.on_error, report=report)

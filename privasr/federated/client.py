@@ -17,50 +17,75 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from privasr.data.dataset import AsrDataset, DurationBucketSampler
-from privasr.data.manifest import SkipReport, read_manifest
+from privasr.data.dataset import (AsrDataset, DurationBucketSampler, cache_feature_groups,
+                                  feature_cache_path)
+from privasr.data.manifest import SkipReport, Utterance, read_manifest, validate
 from privasr.data.tokenizer import CharTokenizer
 from privasr.federated.config import FLConfig, local_train_config
 from privasr.models.build import build_model
-from privasr.data.splits import load_split, manifest_paths
+from privasr.data.splits import feature_config, load_split, manifest_paths
 from privasr.train.trainer import BucketPlan, Trainer
 
 __all__ = ["speakers_of", "speaker_dataset", "local_update", "LocalResult", "warm_feature_cache"]
 
-_CACHE: dict[tuple, dict[str, AsrDataset]] = {}
+# per process (a Ray worker serves many speakers): the manifest grouped by speaker, read once,
+# and each speaker's dataset once it has been asked for
+_MANIFEST: dict[tuple, dict[str, list[Utterance]]] = {}
+_DATASETS: dict[tuple, AsrDataset] = {}
+
+
+def _by_speaker(manifest: str | Path) -> tuple[tuple, dict[str, list[Utterance]]]:
+    path = Path(manifest)
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _MANIFEST:
+        _MANIFEST.clear()
+        _DATASETS.clear()
+        by: dict[str, list[Utterance]] = {}
+        for u in read_manifest(path, on_error="skip"):
+            by.setdefault(u.speaker, []).append(u)
+        _MANIFEST[key] = by
+    return key, _MANIFEST[key]
 
 
 def speakers_of(manifest: str | Path) -> list[str]:
     """The client population: the sorted speakers of the training manifest."""
-    return sorted({u.speaker for u in read_manifest(manifest, on_error="skip")})
+    return sorted(_by_speaker(manifest)[1])
 
 
-def speaker_dataset(cfg: FLConfig, speaker: str) -> AsrDataset:
-    """The speaker's utterances with cached features (all speakers loaded once per process)."""
+def speaker_dataset(cfg: FLConfig, speaker: str, *, progress: bool = False) -> AsrDataset:
+    """The speaker's utterances with features cached per speaker (only that speaker's audio is
+    read: a client never loads the others' data)."""
     path = manifest_paths(cfg)["train"]
-    key = (str(path.resolve()), path.stat().st_mtime_ns)
-    if key not in _CACHE:
-        tok = CharTokenizer()
-        full = load_split(path, local_train_config(cfg, out_dir="", steps=1, seed=0), tok,
-                          SkipReport())
-        by: dict[str, list[int]] = {}
-        for i, u in enumerate(full.utts):
-            by.setdefault(u.speaker, []).append(i)
-        _CACHE.clear()
-        _CACHE[key] = {s: AsrDataset([full.utts[i] for i in ix], [full.feats[i] for i in ix], tok)
-                       for s, ix in by.items()}
-    ds = _CACHE[key].get(speaker)
-    if ds is None or len(ds) == 0:
+    key, by = _by_speaker(path)
+    if (key, speaker) not in _DATASETS:
+        utts = by.get(speaker)
+        if not utts:
+            raise ValueError(f"speaker {speaker!r} has no utterances in {path}")
+        tcfg = local_train_config(cfg, out_dir="", steps=1, seed=0)
+        tcfg.progress = progress
+        _DATASETS[(key, speaker)] = load_split(path, tcfg, CharTokenizer(), SkipReport(),
+                                               utts=utts)
+    ds = _DATASETS[(key, speaker)]
+    if len(ds) == 0:
         raise ValueError(f"speaker {speaker!r} has no usable utterances in {path}")
     return ds
 
 
 def warm_feature_cache(cfg: FLConfig) -> int:
-    """Compute (or check) the training features once, before clients start in parallel."""
-    speaker_dataset(cfg, speakers_of(manifest_paths(cfg)["train"])[0])
-    n = sum(len(ds) for ds in next(iter(_CACHE.values())).values())
-    _CACHE.clear()  # the clients load their own copy; the server does not need it
-    return n
+    """Compute every speaker's features once (one worker pool), before clients start in
+    parallel; returns the number of speakers whose cache was missing. A speaker with an
+    unusable file is computed by its client (``speaker_dataset`` names the file)."""
+    path = manifest_paths(cfg)["train"]
+    _, by = _by_speaker(path)
+    tcfg = local_train_config(cfg, out_dir="", steps=1, seed=0)
+    fcfg = feature_config(tcfg)
+    groups = []
+    for spk in sorted(by):
+        if not feature_cache_path(by[spk], fcfg, path.parent / "feats").exists():
+            groups.append(validate(by[spk], on_error="skip", report=SkipReport()))
+    return cache_feature_groups([g for g in groups if g], fcfg, cache_dir=path.parent / "feats",
+                                workers=cfg.data.feature_workers, progress=cfg.progress,
+                                desc="client features")
 
 
 @dataclass
