@@ -245,8 +245,10 @@ def summarize(rows: list[dict], seed_wer: float, *, within: float = 0.02,
                        "sd": statistics.stdev(w) if len(w) > 1 else None,
                        "server_lr": sorted({r["server_lr"] for r in rs})}
     out: dict = {"seed_model_test_wer": seed_wer, "variants": stats}
-    nodp = stats.get("none+fedavg")
-    if nodp:
+    nodps = {k: v for k, v in stats.items() if k.startswith("none+")}
+    nodp = min(nodps.values(), key=lambda v: v["mean"]) if nodps else None
+    if nodp:   # the reference: the best FL without DP (any server optimizer)
+        out["nodp_reference"] = min(nodps, key=lambda k: nodps[k]["mean"])
         out["nodp_gain_points"] = 100 * (seed_wer - nodp["mean"])
         out["nodp_gain_target_met"] = seed_wer - nodp["mean"] >= gain
     dp = {k: v for k, v in stats.items() if not k.startswith("none+")}
@@ -438,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             res = run_one(cfg)
             rows.append(make_row(res, clipping=clipping, key=key, run_dir=run_dir))
             save()
+    mine = {json.dumps(r["key"], sort_keys=True) for r in rows}
+    rows += [r for r in kept if r["key"].get("seed_model") == digest      # other variants' rows
+             and json.dumps(r["key"], sort_keys=True) not in mine]
     result = save(final=True)
     png = work / "fl_dp_curves.png"
     plot_curves(rows, seed_wer, png)

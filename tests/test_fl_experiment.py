@@ -34,6 +34,13 @@ def test_summary_criteria_follow_the_rows():
     assert s["lowest_margin_points"] == pytest.approx(8.0) and s["lowest_margin_exceeds_seed_sd"]
     assert s["variants"]["none+fedavg"]["sd"] == pytest.approx(0.01414, rel=1e-3)
     assert s["round_time_ratio_median"] == pytest.approx(1.2)
+    assert s["nodp_reference"] == "none+fedavg"
+    # a better non-private server optimizer becomes the reference the gaps are measured to
+    s2 = fl_dp.summarize(rows + [_row("none", "lamb", 0, 0.50), _row("none", "lamb", 1, 0.52)],
+                         seed_wer=0.80)
+    assert s2["nodp_reference"] == "none+lamb" and s2["nodp_gain_points"] == pytest.approx(29.0)
+    assert s2["per_layer_lamb_gap_to_nodp_points"] == pytest.approx(11.0)
+    assert not s2["per_layer_lamb_within_2_points"]
     # the same numbers with the claim's order reversed: the criteria flip
     rows[6]["test_wer"], rows[7]["test_wer"] = 0.80, 0.80
     s = fl_dp.summarize(rows, seed_wer=0.80)
@@ -108,3 +115,9 @@ def test_driver_end_to_end_reuses_finished_rows(tiny_corpus, tmp_path, monkeypat
     monkeypatch.setattr(fl_dp, "run_one", boom)
     assert fl_dp.main(args) == 0
     assert json.loads(out.read_text())["rows"] == res["rows"]
+    # a later call for one variant keeps the other variants' finished rows
+    one = [a if a != "none:fedavg,per_layer_uniform:lamb:0.01" else "none:fedavg" for a in args]
+    assert fl_dp.main(one) == 0
+    again = json.loads(out.read_text())
+    assert len(again["rows"]) == 2 and again["summary"]["variants"].keys() == res["summary"][
+        "variants"].keys()
