@@ -1,7 +1,9 @@
-"""The memorization experiment driver end to end at tiny scale (the real run needs hours)."""
+"""The memorization experiment driver: grid planning, equal-epoch recipes, the summary's criteria
+(fast), and the driver end to end at tiny scale (slow; the real run needs hours)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,34 +11,160 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_memorization_driver_writes_rows_per_policy_and_repetition(tiny_corpus, tmp_path,
-                                                                   one_thread):
-    corpus, _, _ = tiny_corpus
+def _load():
     spec = importlib.util.spec_from_file_location("mem", ROOT / "benchmarks" / "memorization.py")
     mem = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mem)
-    out = tmp_path / "memorization.json"
-    common = ["--out", str(out), f"out_dir={tmp_path / 'runs'}",
-              f"data.corpus_dir={corpus}", "model.size=tiny", "threads=1",
-              "progress=false", "eval_every=1000", "optim.warmup_steps=1",
-              "data.max_dev_utts=5", "batch.max_seconds=30", "data.feature_workers=1"]
-    assert mem.main(["--steps", "2", *common]) == 0
-    rows = json.loads(out.read_text())
-    assert {(r["policy"], r["repetitions"]) for r in rows} == {
-        (p, r) for p in ("none", "per_example", "per_core") for r in (1, 2, 4, 8, 16)}
-    for r in rows:
-        for k in ("inserted_exact_match", "heldout_exact_match", "exposure",
-                  "epsilon_lower_bound", "test_wer"):
-            assert k in r
-        assert r["steps"] == 2 and 0 <= r["epsilon_lower_bound"]
-    assert (tmp_path / "runs" / "memorization.html").exists()
-    assert "Memorization audit" in (tmp_path / "runs" / "per_core" / "report.html").read_text()
+    return mem
 
-    # one policy again (longer): its rows are replaced, the others' kept
-    assert mem.main(["--steps", "3", "--policies", "none", *common]) == 0
-    again = json.loads(out.read_text())
-    assert [(r["policy"], r["repetitions"]) for r in again] == \
-        [(r["policy"], r["repetitions"]) for r in rows]
-    assert {r["steps"] for r in again if r["policy"] == "none"} == {3}
-    assert {r["steps"] for r in again if r["policy"] != "none"} == {2}
+
+mem = _load()
+
+SPEC = {"policies": {"none": {}, "per_example": {"policy": {"unit": "example", "clip_norm": 1.0}},
+                     "apcc": {"policy": {"unit": "core", "num_cores": 8,
+                                         "bound": "adaptive_min"}}},
+        "reference_batch": 32,
+        "grid": [{"policies": ["none", "per_example"], "batch_sizes": [32, 128], "seeds": [0]},
+                 {"policies": ["none", "apcc"], "batch_sizes": [32], "seeds": [0, 1]}]}
+BASE = {"out_dir": "runs/x", "seed": 0, "batch": {"max_seconds": 400, "max_utts": 32},
+        "optim": {"lr": 1e-3, "warmup_steps": 50, "max_steps": 2200}}
+
+
+def test_grid_runs_in_order_once_and_filters():
+    cells = mem.plan_cells(SPEC, BASE)
+    assert [c.name for c in cells] == [
+        "none/b32/s0", "per_example/b32/s0", "none/b128/s0", "per_example/b128/s0",
+        "apcc/b32/s0", "none/b32/s1", "apcc/b32/s1"]     # none/b32/s0 only once
+    assert [c.name for c in mem.plan_cells(SPEC, BASE, batches=[128])] == [
+        "none/b128/s0", "per_example/b128/s0"]
+    assert [c.name for c in mem.plan_cells(SPEC, BASE, policies=["apcc"], seeds=[1])] == \
+        ["apcc/b32/s1"]
+    with pytest.raises(SystemExit, match="unknown policies"):
+        mem.plan_cells({**SPEC, "grid": [{"policies": ["pcc9"], "batch_sizes": [32],
+                                          "seeds": [0]}]}, BASE)
+
+
+def test_no_grid_is_every_policy_at_the_recipe_batch_and_seed():
+    spec = {k: v for k, v in SPEC.items() if k != "grid"}
+    assert [c.name for c in mem.plan_cells(spec, {**BASE, "seed": 3})] == [
+        "none/b32/s3", "per_example/b32/s3", "apcc/b32/s3"]
+
+
+def test_cell_recipe_keeps_epochs_equal_across_batch_sizes(tmp_path):
+    can = tmp_path / "c.jsonl"
+    r32 = mem.cell_recipe(SPEC, BASE, mem.Cell("per_example", 32, 1), can, tmp_path)
+    r128 = mem.cell_recipe(SPEC, BASE, mem.Cell("per_example", 128, 1), can, tmp_path)
+    assert r32["optim"] == BASE["optim"] and r32["batch"] == BASE["batch"]
+    assert r128["batch"] == {"max_utts": 128, "max_seconds": 1600}
+    assert r128["optim"]["max_steps"] * 128 == r32["optim"]["max_steps"] * 32
+    assert r128["optim"]["warmup_steps"] == round(50 / 4)
+    assert math.isclose(r128["optim"]["lr"], 2e-3)                  # sqrt(128/32) = 2
+    assert r128["seed"] == 1 and r128["privacy"]["policy"]["clip_norm"] == 1.0
+    assert r128["out_dir"] == str(tmp_path / "s1" / "b128" / "per_example")
+    assert r128["audit"]["canaries"] == str(can)
+    assert "privacy" not in mem.cell_recipe(SPEC, BASE, mem.Cell("none", 32, 0), can, tmp_path)
+    assert BASE["optim"]["max_steps"] == 2200                       # the base is not mutated
+
+
+def test_cell_key_changes_with_what_determines_the_run(tmp_path):
+    can = tmp_path / "c.jsonl"
+    can.write_text("a\n")
+    cell = mem.Cell("none", 32, 0)
+    k = mem.cell_key(cell, mem.cell_recipe(SPEC, BASE, cell, can, tmp_path), can)
+    moved = mem.cell_recipe(SPEC, {**BASE, "out_dir": "elsewhere", "progress": False}, cell, can,
+                            tmp_path / "other")
+    assert mem.cell_key(cell, moved, can) == k                      # where it runs: same run
+    lr = mem.cell_recipe(SPEC, {**BASE, "optim": {**BASE["optim"], "lr": 5e-4}}, cell, can,
+                         tmp_path)
+    assert mem.cell_key(cell, lr, can) != k
+    can.write_text("b\n")
+    assert mem.cell_key(cell, mem.cell_recipe(SPEC, BASE, cell, can, tmp_path), can) != k
+
+
+def _rows(policy, batch, seed, ins_em: dict, held_em, wer, *, n=10, held=50, copies=400):
+    common = {"policy": policy, "batch": batch, "seed": seed, "held_out": held,
+              "heldout_exact_match": held_em, "heldout_cer": 0.5, "epsilon_lower_bound": 0.1,
+              "auc": 0.6, "test_wer": wer, "epochs": 3.0, "copy_share": copies / 24000,
+              **{f"probe_{k}": 1.5 for k in ("ratio_first", "ratio_last", "ratio_median",
+                                             "share_unclipped_last", "share_clipped_last")}}
+    return [{**common, "repetitions": r, "inserted": n, "inserted_exact_match": e,
+             "inserted_cer": 0.1, "exposure": 3.0} for r, e in ins_em.items()]
+
+
+def test_summary_pools_seeds_and_applies_the_issue_criteria():
+    mem_r = {1: 0.0, 2: 0.1, 4: 0.2, 8: 0.5, 16: 0.9}
+    rows = (_rows("none", 32, 0, mem_r, 0.0, 0.30) + _rows("none", 32, 1, {**mem_r, 16: 0.5},
+                                                          0.02, 0.32)
+            + _rows("per_example", 32, 0, {**mem_r, 16: 0.3}, 0.0, 0.31)
+            + _rows("none", 128, 0, mem_r, 0.0, 0.33)
+            + _rows("per_example", 128, 0, {r: 0.04 for r in mem_r}, 0.0, 0.34)
+            + _rows("apcc", 32, 0, mem_r, 0.0, 0.33) + _rows("apcc", 32, 1, mem_r, 0.0, 0.35)
+            + _rows("per_core", 32, 0, mem_r, 0.0, 0.30)
+            + _rows("per_core", 32, 1, mem_r, 0.0, 0.30))
+    s = mem.summarize(rows)
+    none32 = s["cells"]["none/b32"]
+    assert none32["by_repetitions"][16]["inserted_exact_match"] == pytest.approx(0.7)  # pooled
+    assert none32["heldout_exact_match"] == pytest.approx(0.01)
+    assert none32["test_wer"]["values"] == [0.30, 0.32] and none32["seeds"] == [0, 1]
+    assert s["memorizes"][32]["holds"] and s["memorizes"][128]["holds"]
+    pe32, pe128 = s["per_example"][32], s["per_example"][128]
+    assert not pe32["mitigates"] and pe32["max_gap"] == pytest.approx(0.5)  # r = 8, its own held-out
+    assert pe128["mitigates"] and pe128["wer_cost_relative"] == pytest.approx(0.34 / 0.33 - 1)
+    assert s["per_example_smallest_mitigating_batch"] == 128
+    assert s["largest_batch_tried"] == 128
+    pc = s["per_core"][32]
+    assert pc["best_pcc"] == "per_core" and pc["min_seeds"] == 2
+    assert pc["apcc_vs_best_pcc_relative"] == pytest.approx(0.34 / 0.30 - 1)
+    # a WER cost above 5 % fails the mitigation even with no gap
+    worse = [dict(r, test_wer=0.40) if r["policy"] == "per_example" and r["batch"] == 128 else r
+             for r in rows]
+    assert mem.summarize(worse)["per_example_smallest_mitigating_batch"] is None
+    # memorization needs the held-out canaries unrecognized and few copies
+    leaky = [dict(r, heldout_exact_match=0.2) if r["policy"] == "none" else r for r in rows]
+    assert not mem.summarize(leaky)["memorizes"][32]["holds"]
+    crowded = [dict(r, copy_share=0.08) for r in rows]
+    assert not mem.summarize(crowded)["memorizes"][32]["holds"]
+
+
+def test_old_list_results_are_not_reused(tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"policy": "none", "repetitions": 1}]))
+    assert mem.load_rows(f) == []
+    f.write_text(json.dumps({"rows": [{"policy": "none", "key": {"a": 1}}, {"policy": "x"}]}))
+    assert mem.load_rows(f) == [{"policy": "none", "key": {"a": 1}}]
+
+
+@pytest.mark.slow
+def test_memorization_driver_runs_cells_once_and_keeps_rows(tiny_corpus, tmp_path, one_thread,
+                                                            capsys):
+    corpus, _, _ = tiny_corpus
+    out = tmp_path / "memorization.json"
+    common = ["--config", str(ROOT / "configs" / "memorization.yaml"), "--out", str(out),
+              "--steps", "2", f"out_dir={tmp_path / 'runs'}", f"data.corpus_dir={corpus}",
+              "model.size=tiny", "threads=1", "progress=false", "eval_every=1000",
+              "optim.warmup_steps=1", "data.max_dev_utts=5", "batch.max_seconds=30",
+              "data.feature_workers=1", "audit.norm_probe_every=1"]
+    assert mem.main(["--policies", "none", "per_example", *common]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {(r["policy"], r["repetitions"]) for r in rows} == {
+        (p, r) for p in ("none", "per_example") for r in (1, 2, 4, 8, 16)}
+    for r in rows:
+        assert r["steps"] == 2 and r["batch"] == 32 and r["seed"] == 0 and "key" in r
+        assert 0 <= r["epsilon_lower_bound"] and 0 < r["copy_share"] < 1
+        assert r["probe_ratio_first"] is not None
+    assert set(data["summary"]["cells"]) == {"none/b32", "per_example/b32"}
+    assert "holds" in data["summary"]["memorizes"][str(32)]
+    runs = tmp_path / "runs"
+    assert (runs / "memorization.html").exists() and (runs / "report.html").exists()
+    assert "Memorization audit" in (runs / "s0" / "b32" / "none" / "report.html").read_text()
+
+    # a rerun trains nothing; --max-runs 1 adds exactly one new cell and keeps the others
+    capsys.readouterr()
+    assert mem.main(["--max-runs", "1", *common]) == 0
+    said = capsys.readouterr().out
+    assert "none/b32/s0: done" in said and "per_example/b32/s0: done" in said
+    assert "stopping after 1 new cell" not in said           # per_core was the only one left
+    again = json.loads(out.read_text())["rows"]
+    assert {r["policy"] for r in again} == {"none", "per_example", "per_core"}
+    assert [r for r in again if r["policy"] != "per_core"] == rows
