@@ -287,6 +287,29 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def markdown_table(summary: dict) -> str:
+    """The README's table: one line per (policy, B), exact match per r pooled over seeds."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}"  # noqa: E731
+    lines = ["| policy | B | seeds | inserted exact match % r = 1 / 2 / 4 / 8 / 16 (n at r = 16) "
+             "| held-out % | exposure r = 16 | AUC | one-run ε ≥ | test WER % | norm ratio "
+             "canary / ordinary |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in summary["cells"].values():
+        br = c["by_repetitions"]
+        ems = " / ".join(pct(br[r]["inserted_exact_match"]) for r in sorted(br))
+        top = br[max(br)]
+        w, eps = c["test_wer"], c["epsilon_lower_bound"]
+        sd = lambda v, f=1: "" if v["sd"] is None else f" ± {f * v['sd']:.2f}"  # noqa: E731
+        ratio = c["mechanism"]["ratio_median"]
+        lines.append(
+            f"| {c['policy']} | {c['batch']} | {','.join(map(str, c['seeds']))} | {ems} "
+            f"({top['inserted']}) | {pct(c['heldout_exact_match'])} "
+            f"| {top['exposure']['mean']:.2f}{sd(top['exposure'])} "
+            f"| {c['auc']['mean']:.2f} | {eps['mean']:.2f} "
+            f"| {100 * w['mean']:.2f}{sd(w, 100)} "
+            f"| {'-' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
 # -- plots and report -----------------------------------------------------------------------------
 def plot(summary: dict, path: Path) -> Path:
     import matplotlib
@@ -353,9 +376,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="optim.max_steps at the reference batch (smoke tests)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after N new cells")
     p.add_argument("--plan", action="store_true", help="list the cells and which are done")
+    p.add_argument("--table", action="store_true",
+                   help="print the results' markdown table from --out and exit")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memorization.json"))
     p.add_argument("overrides", nargs="*", help="train recipe overrides key=value")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(summarize(load_rows(Path(a.out)))))
+        return 0
     spec = yaml.safe_load(Path(a.config).read_text())
     base = apply_overrides(copy.deepcopy(spec["train"]), list(a.overrides) +
                            ([f"optim.max_steps={a.steps}"] if a.steps else []))

@@ -115,6 +115,8 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     pc = s["per_core"][32]
     assert pc["best_pcc"] == "per_core" and pc["min_seeds"] == 2
     assert pc["apcc_vs_best_pcc_relative"] == pytest.approx(0.34 / 0.30 - 1)
+    table = mem.markdown_table(s)
+    assert "| none | 32 | 0,1 | 0 / 10 / 20 / 50 / 70 (20) | 1 |" in table
     # a WER cost above 5 % fails the mitigation even with no gap
     worse = [dict(r, test_wer=0.40) if r["policy"] == "per_example" and r["batch"] == 128 else r
              for r in rows]
