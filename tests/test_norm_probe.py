@@ -154,3 +154,7 @@ def test_recipe_writes_probe_rows_and_summary(tiny_corpus, tmp_path, one_thread)
     rows = (tmp_path / "run" / "norm_probe.csv").read_text().strip().splitlines()
     assert len(rows) == 3
     assert any("NOT covered by the run's ε" in str(m) for m in logged)
+    # entered again when already finished: no step runs, the summary still has the logged rows
+    again = run_training(cfg, log=logged.append)["norm_probe"]
+    assert again["rows"] == 2 and again["ratio_first"] == s["ratio_first"] \
+        and again["ratio_last"] == s["ratio_last"]

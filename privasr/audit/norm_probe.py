@@ -196,9 +196,13 @@ class NormProbe:
         self.rows.append({"step": float(step), **row})
         return row
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, log: Any = None) -> dict[str, Any]:
         """For results.json: the settings, the ratio's first / last / median and the last
-        shares (None before any row)."""
+        shares (None before any row). ``log`` (the run's metrics log): read the rows there when
+        this process logged none (a finished run entered again measures nothing new)."""
+        if not self._loaded and log is not None and hasattr(log, "read"):
+            self._loaded = True
+            self.rows = log.read("norm_probe")
         ratios = [r["ratio"] for r in self.rows]
         last = self.rows[-1] if self.rows else {}
         return {"every": self.every, "size": {"canaries": len(self.canaries),

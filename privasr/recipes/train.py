@@ -151,7 +151,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
         "stopped": res.stopped, "privacy": privacy,
         "clip_policy": setup.policy.to_dict() if setup.policy is not None else None,
         "canaries": canary_info,
-        "norm_probe": probe.summary() if probe is not None else None,
+        "norm_probe": probe.summary(trainer.log) if probe is not None else None,
         "trainable_params": count_parameters(model), "step_seconds":
         trainer.strategy.median_seconds(), "peft": finish_peft(cfg, trainer, peft),
         "world_size": 1 if ctx is None else ctx.world_size,
