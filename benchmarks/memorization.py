@@ -155,9 +155,35 @@ def ensure_canaries(spec: dict, out_dir: Path, seed: int) -> Path:
 
 
 # -- rows ----------------------------------------------------------------------------------------
-def rows_for(cell: Cell, key: dict, audit: dict, train: dict, *, train_utts: int,
-             copies: int) -> list[dict]:
+def probe_stats(run_dir: Path, train: dict) -> dict:
+    """The mechanism numbers of a run from its ``norm_probe.csv`` (every probe row, also of a
+    resumed run): the canary / ordinary norm ratio first, last and median over training, and one
+    canary's norm share of a batch without and with clipping, median over training and last."""
+    import csv
+
+    f = Path(run_dir) / "norm_probe.csv"
+    rows = list(csv.DictReader(f.open())) if f.exists() else []
     probe = train.get("norm_probe") or {}
+    if not rows:
+        return {k: None for k in ("ratio_first", "ratio_last", "ratio_median",
+                                  "share_unclipped_median", "share_clipped_median",
+                                  "share_unclipped_last", "share_clipped_last")}
+    clip_key = "share_clipped" if "share_clipped" in rows[0] else "share_clipped_at_median"
+    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
+    return {"ratio_first": col("ratio")[0], "ratio_last": col("ratio")[-1],
+            "ratio_median": statistics.median(col("ratio")),
+            "share_unclipped_median": statistics.median(col("share_unclipped")),
+            "share_clipped_median": statistics.median(col(clip_key)),
+            "share_unclipped_last": col("share_unclipped")[-1],
+            "share_clipped_last": col(clip_key)[-1],
+            "clip": "the run's C" if clip_key == "share_clipped" else
+            "C = the ordinary median (the run has no per-example bound)",
+            "rows": len(rows), "every": probe.get("every")}
+
+
+def rows_for(cell: Cell, key: dict, audit: dict, train: dict, *, train_utts: int,
+             copies: int, run_dir: Path) -> list[dict]:
+    probe = probe_stats(run_dir, train)
     eps = audit["one_run"]["epsilon"]
     common = {"policy": cell.policy, "batch": cell.batch, "seed": cell.seed,
               "held_out": audit["held_out"],
@@ -169,14 +195,7 @@ def rows_for(cell: Cell, key: dict, audit: dict, train: dict, *, train_utts: int
               "steps": train["steps"], "epochs": train["steps"] * cell.batch / (train_utts + copies),
               "train_utts": train_utts, "canary_copies": copies,
               "copy_share": copies / (train_utts + copies),
-              "probe_ratio_first": probe.get("ratio_first"),
-              "probe_ratio_last": probe.get("ratio_last"),
-              "probe_ratio_median": probe.get("ratio_median"),
-              "probe_share_unclipped_last": probe.get("share_unclipped_last"),
-              "probe_share_clipped_last": probe.get("share_clipped_last",
-                                                    probe.get("share_clipped_at_median_last")),
-              "probe_clip": "clip_norm" if probe.get("clip_norm") is not None else
-              "ordinary median",
+              **{f"probe_{k}": v for k, v in probe.items()},
               "train_wall_seconds": train["train_wall_seconds"], "device": train["device"],
               "key": key}
     return [{**common, "repetitions": r["repetitions"], "inserted": r["inserted"],
@@ -224,8 +243,9 @@ def summarize_cell(rows: list[dict]) -> dict:
             "epsilon_lower_bound": stats([r["epsilon_lower_bound"] for r in one]),
             "copy_share_max": max(r["copy_share"] for r in one),
             "epochs": stats([r["epochs"] for r in one])["mean"],
-            "mechanism": {k: stats([r[f"probe_{k}"] for r in one])["mean"]
+            "mechanism": {k: stats([r.get(f"probe_{k}") for r in one])["mean"]
                           for k in ("ratio_first", "ratio_last", "ratio_median",
+                                    "share_unclipped_median", "share_clipped_median",
                                     "share_unclipped_last", "share_clipped_last")}}
 
 
@@ -376,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="optim.max_steps at the reference batch (smoke tests)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after N new cells")
     p.add_argument("--plan", action="store_true", help="list the cells and which are done")
+    p.add_argument("--refresh", action="store_true",
+                   help="rebuild finished cells' rows from their run directories (results.json, "
+                        "audit.json, norm_probe.csv) where present; trains nothing")
     p.add_argument("--table", action="store_true",
                    help="print the results' markdown table from --out and exit")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memorization.json"))
@@ -442,7 +465,20 @@ def main(argv: list[str] | None = None) -> int:
     for cell in cells:
         recipe, key, canaries, copies = keyed(cell)
         if done(key):
-            print(f"== {cell.name}: done (row in {out})", flush=True)
+            run_dir = Path(recipe["out_dir"])
+            files = [run_dir / "results.json", run_dir / "audit.json"]
+            if a.refresh and all(f.exists() for f in files):
+                k = json.dumps(key, sort_keys=True)
+                rows = [r for r in rows if json.dumps(r["key"], sort_keys=True) != k]
+                rows += rows_for(cell, key, json.loads(files[1].read_text()),
+                                 json.loads(files[0].read_text()),
+                                 train_utts=len(train_manifest), copies=copies, run_dir=run_dir)
+                print(f"== {cell.name}: rows rebuilt from {run_dir}", flush=True)
+                save()
+            else:
+                print(f"== {cell.name}: done (row in {out})", flush=True)
+            continue
+        if a.refresh:
             continue
         if a.max_runs is not None and new >= a.max_runs:
             print(f"== stopping after {new} new cell(s) (--max-runs)", flush=True)
@@ -463,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                      {"Test": [{"test WER": train["test_wer"], "test CER": train["test_cer"],
                                 "steps": train["steps"]}]},
                      sections=[memorization_section({cell.name: audit})])
-        rows += rows_for(cell, key, audit, train, train_utts=len(train_manifest), copies=copies)
+        rows += rows_for(cell, key, audit, train, train_utts=len(train_manifest), copies=copies,
+                         run_dir=Path(cfg.out_dir))
         new += 1
         save()
     summary = save()

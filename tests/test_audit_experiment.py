@@ -170,3 +170,23 @@ def test_memorization_driver_runs_cells_once_and_keeps_rows(tiny_corpus, tmp_pat
     again = json.loads(out.read_text())["rows"]
     assert {r["policy"] for r in again} == {"none", "per_example", "per_core"}
     assert [r for r in again if r["policy"] != "per_core"] == rows
+
+    # --refresh rebuilds the finished cells' rows from their run directories, training nothing
+    assert mem.main(["--refresh", *common]) == 0
+    said = capsys.readouterr().out
+    assert said.count("rows rebuilt from") == 3 and "steps of 32 utterances" not in said
+    fresh = json.loads(out.read_text())["rows"]
+    key = lambda r: (r["policy"], r["repetitions"])  # noqa: E731
+    assert sorted(fresh, key=key) == sorted(again, key=key)
+
+
+def test_probe_stats_read_every_logged_row(tmp_path):
+    (tmp_path / "norm_probe.csv").write_text(
+        "step,canary_norm_median,ordinary_norm_median,canary_norm_mean,ordinary_norm_mean,ratio,"
+        "share_unclipped,share_clipped\n1,4,2,4,2,2.0,0.06,0.03\n100,3,2,3,2,1.5,0.05,0.03\n"
+        "200,1,2,1,2,0.5,0.02,0.01\n")
+    s = mem.probe_stats(tmp_path, {"norm_probe": {"every": 100}})
+    assert (s["ratio_first"], s["ratio_last"], s["ratio_median"]) == (2.0, 0.5, 1.5)
+    assert s["share_unclipped_median"] == 0.05 and s["share_clipped_median"] == 0.03
+    assert s["share_clipped_last"] == 0.01 and s["rows"] == 3 and s["clip"] == "the run's C"
+    assert mem.probe_stats(tmp_path / "none", {})["ratio_median"] is None
