@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from privasr.atomic import atomic_write_text  # noqa: E402
+from privasr.audit.norm_probe import summarize_rows  # noqa: E402
 from privasr.audit.canaries import (CanaryConfig, make_canaries, read_canaries,  # noqa: E402
                                     speech_rate, training_copies)
 from privasr.audit.report import memorization_section, write_audit_report  # noqa: E402
@@ -156,29 +157,22 @@ def ensure_canaries(spec: dict, out_dir: Path, seed: int) -> Path:
 
 # -- rows ----------------------------------------------------------------------------------------
 def probe_stats(run_dir: Path, train: dict) -> dict:
-    """The mechanism numbers of a run from its ``norm_probe.csv`` (every probe row, also of a
-    resumed run): the canary / ordinary norm ratio first, last and median over training, and one
-    canary's norm share of a batch without and with clipping, median over training and last."""
+    """The mechanism numbers of a run from its ``norm_probe.csv`` (every logged probe row, also
+    of a run resumed or entered again): :func:`summarize_rows`, with the clipped share named
+    ``share_clipped_*`` whether C is the run's bound or the ordinary median (``clip`` says)."""
     import csv
 
     f = Path(run_dir) / "norm_probe.csv"
     rows = list(csv.DictReader(f.open())) if f.exists() else []
-    probe = train.get("norm_probe") or {}
-    if not rows:
-        return {k: None for k in ("ratio_first", "ratio_last", "ratio_median",
-                                  "share_unclipped_median", "share_clipped_median",
-                                  "share_unclipped_last", "share_clipped_last")}
-    clip_key = "share_clipped" if "share_clipped" in rows[0] else "share_clipped_at_median"
-    col = lambda k: [float(r[k]) for r in rows]  # noqa: E731
-    return {"ratio_first": col("ratio")[0], "ratio_last": col("ratio")[-1],
-            "ratio_median": statistics.median(col("ratio")),
-            "share_unclipped_median": statistics.median(col("share_unclipped")),
-            "share_clipped_median": statistics.median(col(clip_key)),
-            "share_unclipped_last": col("share_unclipped")[-1],
-            "share_clipped_last": col(clip_key)[-1],
-            "clip": "the run's C" if clip_key == "share_clipped" else
-            "C = the ordinary median (the run has no per-example bound)",
-            "rows": len(rows), "every": probe.get("every")}
+    stats = summarize_rows(rows)
+    at_median = any(k.startswith("share_clipped_at_median") for k in stats)
+    out = {k.replace("share_clipped_at_median", "share_clipped"): v for k, v in stats.items()}
+    out.setdefault("share_clipped_median", None)
+    out.setdefault("share_clipped_last", None)
+    out.update(rows=len(rows), every=(train.get("norm_probe") or {}).get("every"),
+               clip="C = the ordinary median (the run has no per-example bound)" if at_median
+               else "the run's C")
+    return out
 
 
 def rows_for(cell: Cell, key: dict, audit: dict, train: dict, *, train_utts: int,

@@ -30,7 +30,7 @@ from privasr.models.loss import per_example_ctc
 from privasr.train.trainer import BucketPlan, PoissonPlan
 
 __all__ = ["NormProbe", "check_settings", "example_grad_norms", "norm_share", "canary_indices",
-           "run_batch_size", "per_example_bound", "OUTSIDE_EPSILON"]
+           "run_batch_size", "per_example_bound", "summarize_rows", "OUTSIDE_EPSILON"]
 
 OUTSIDE_EPSILON = ("norm_probe.csv: per-example gradient norms of probe canaries and ordinary "
                    "training utterances (an audit diagnostic)")
@@ -108,6 +108,22 @@ def norm_share(canary: Sequence[float], ordinary: Sequence[float], batch_size: f
 
     c, o = mean(canary), mean(ordinary)
     return c / (c + (batch_size - 1) * o) if c + (batch_size - 1) * o > 0 else math.nan
+
+
+def summarize_rows(rows: Sequence[dict[str, float]]) -> dict[str, float | None]:
+    """Probe rows (``norm_probe.csv``) over a run: the ratio's first / last / median, and each
+    share's median over training and last value (None without rows)."""
+    keys = ["share_unclipped"] + [k for k in ("share_clipped", "share_clipped_at_median")
+                                  if rows and k in rows[0]]
+    col = {k: [float(r[k]) for r in rows] for k in ["ratio", *keys]}
+    out: dict[str, float | None] = {
+        "ratio_first": col["ratio"][0] if rows else None,
+        "ratio_last": col["ratio"][-1] if rows else None,
+        "ratio_median": statistics.median(col["ratio"]) if rows else None}
+    for k in keys:
+        out[f"{k}_median"] = statistics.median(col[k]) if rows else None
+        out[f"{k}_last"] = col[k][-1] if rows else None
+    return out
 
 
 class NormProbe:
@@ -203,15 +219,10 @@ class NormProbe:
         if not self._loaded and log is not None and hasattr(log, "read"):
             self._loaded = True
             self.rows = log.read("norm_probe")
-        ratios = [r["ratio"] for r in self.rows]
-        last = self.rows[-1] if self.rows else {}
         return {"every": self.every, "size": {"canaries": len(self.canaries),
                                               "ordinary": len(self.ordinary)},
                 "batch_size": self.batch_size, "clip_norm": self.clip_norm,
                 "rows": len(self.rows), "csv": "norm_probe.csv",
-                "ratio_first": ratios[0] if ratios else None,
-                "ratio_last": ratios[-1] if ratios else None,
-                "ratio_median": statistics.median(ratios) if ratios else None,
-                "share_unclipped_last": last.get("share_unclipped"),
-                f"{self.share_key}_last": last.get(self.share_key),
+                f"{self.share_key}_median": None, f"{self.share_key}_last": None,
+                **summarize_rows(self.rows),
                 "covered_by_epsilon": False}
