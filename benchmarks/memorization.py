@@ -2,14 +2,16 @@
 corpus plus inserted canaries, audit, and say whether clipping removes the memorization.
 
     python benchmarks/memorization.py [--config configs/memorization_faithful.yaml]
-        [--policies none per_example ...] [--batch-sizes 32 128] [--seeds 0 1]
+        [--grid cpu|full] [--policies none per_example ...] [--batch-sizes 32 128] [--seeds 0 1]
         [--max-runs N] [--plan] [--out benchmarks/results/memorization.json]
         [train overrides key=value ..., e.g. device=cuda bf16=true]
 
 The config (``configs/memorization*.yaml``) has ``canaries`` (make-canaries settings; the seed
 is the run's seed), ``train`` (a privasr train recipe; overrides on the command line apply to
 it), ``policies`` (name -> privacy section, ``{}`` = ordinary training) and ``grid``: a list of
-``{policies, batch_sizes, seeds}`` blocks, run in order. Each cell (policy, B, seed):
+``{policies, batch_sizes, seeds}`` blocks, run in order; ``cpu_grid`` (same form) is the
+slice that ``--grid cpu`` (the default) runs, sized for 2 CPU cores; ``--grid full`` runs the
+whole ``grid`` (a GPU session, or several CPU sessions). Each cell (policy, B, seed):
 
 - canaries ``<out_dir>/s<seed>/canaries`` (one set per seed, shared by the seed's cells), run
   directory ``<out_dir>/s<seed>/b<B>/<policy>``;
@@ -22,7 +24,7 @@ it), ``policies`` (name -> privacy section, ``{}`` = ordinary training) and ``gr
   also in a later session, from the committed JSON -- skips finished cells; an interrupted cell
   resumes from its ``last.pt``. ``--max-runs N`` stops after N new cells (session-sized slices).
 
-``summary`` (recomputed from all rows of the current grid): per (policy, B) and r the inserted /
+``summary`` (recomputed from all rows of the full grid, whichever slice ran): per (policy, B) and r the inserted /
 held-out exact match pooled over seeds and per seed, the inserted-minus-held-out gap, CER,
 exposure, AUC, one-run ε lower bound, test WER (mean, sd, values), canary-copy share, and the
 mechanism probe (per-example gradient norm ratio canary / ordinary, norm shares with and without
@@ -78,17 +80,22 @@ class Cell(NamedTuple):
 
 
 # -- plan ----------------------------------------------------------------------------------------
-def grid_of(spec: dict, base: dict) -> list[dict]:
-    """The config's ``grid``; without one, every policy at the recipe's batch and seed."""
-    return spec.get("grid") or [{"policies": list(spec["policies"]),
-                                 "batch_sizes": [base["batch"]["max_utts"]],
-                                 "seeds": [base.get("seed", 0)]}]
+def grid_of(spec: dict, base: dict, size: str = "full") -> list[dict]:
+    """The config's ``grid`` (``size="full"``) or ``cpu_grid`` (``"cpu"``, falls back to the
+    full grid); without either, every policy at the recipe's batch and seed."""
+    if size not in ("full", "cpu"):
+        raise SystemExit(f"unknown grid size {size!r}: cpu or full")
+    blocks = spec.get("cpu_grid") if size == "cpu" else None
+    return blocks or spec.get("grid") or [{"policies": list(spec["policies"]),
+                                           "batch_sizes": [base["batch"]["max_utts"]],
+                                           "seeds": [base.get("seed", 0)]}]
 
 
-def plan_cells(spec: dict, base: dict, *, policies=None, batches=None, seeds=None) -> list[Cell]:
+def plan_cells(spec: dict, base: dict, *, policies=None, batches=None, seeds=None,
+               size: str = "full") -> list[Cell]:
     """Every cell of the grid in order (duplicates once), filtered by the CLI's choices."""
     out: list[Cell] = []
-    for block in grid_of(spec, base):
+    for block in grid_of(spec, base, size):
         unknown = set(block["policies"]) - set(spec["policies"])
         if unknown:
             raise SystemExit(f"grid names unknown policies {sorted(unknown)}; defined: "
@@ -383,6 +390,9 @@ def load_rows(out: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "memorization_faithful.yaml"))
+    p.add_argument("--grid", choices=("cpu", "full"), default="cpu",
+                   help="cpu: the config's cpu_grid (default; sized for 2 CPU cores, <= 3 h); "
+                        "full: its whole grid (a GPU session: add device=cuda)")
     p.add_argument("--policies", nargs="+", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -405,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     base = apply_overrides(copy.deepcopy(spec["train"]), list(a.overrides) +
                            ([f"optim.max_steps={a.steps}"] if a.steps else []))
     out_dir, out = Path(base["out_dir"]), Path(a.out)
-    cells = plan_cells(spec, base, policies=a.policies, batches=a.batch_sizes, seeds=a.seeds)
+    cells = plan_cells(spec, base, policies=a.policies, batches=a.batch_sizes, seeds=a.seeds,
+                       size=a.grid)
+    # the summary and --plan cover the full grid (the cpu grid is a slice of it) plus any
+    # cpu-grid cell outside it
     all_cells = plan_cells(spec, base)
+    all_cells += [c for c in plan_cells(spec, base, size="cpu") if c not in all_cells]
     confidence = spec.get("audit", {}).get("confidence", 0.95)
     cfg0 = from_dict(TrainConfig, {**copy.deepcopy(base), "out_dir": str(out_dir / "_probe")})
     ensure_corpus(cfg0)
@@ -445,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in stored if json.dumps(r["key"], sort_keys=True) not in current]
         meta = {"command": " ".join(sys.argv), "platform": platform.platform(),
                 "config": a.config, "overrides": a.overrides, "grid": grid_of(spec, base),
+                "cpu_grid": grid_of(spec, base, "cpu"),
                 "reference_batch": reference_batch(spec, base),
                 "speech_rate_chars_per_second": rates,
                 "criteria": {"memorizes_r16_exact_match": MEMORIZES_EM,

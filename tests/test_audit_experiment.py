@@ -44,6 +44,24 @@ def test_grid_runs_in_order_once_and_filters():
                                           "seeds": [0]}]}, BASE)
 
 
+def test_cpu_grid_is_a_slice_and_falls_back_to_the_full_grid():
+    spec = {**SPEC, "cpu_grid": [{"policies": ["per_example", "none"], "batch_sizes": [128],
+                                  "seeds": [0]}]}
+    assert [c.name for c in mem.plan_cells(spec, BASE, size="cpu")] == [
+        "per_example/b128/s0", "none/b128/s0"]
+    assert len(mem.plan_cells(spec, BASE)) == 7                      # full: the grid
+    assert mem.plan_cells(SPEC, BASE, size="cpu") == mem.plan_cells(SPEC, BASE)
+    with pytest.raises(SystemExit, match="grid size"):
+        mem.plan_cells(SPEC, BASE, size="gpu")
+
+
+def test_faithful_config_cpu_grid_is_inside_the_full_grid():
+    import yaml
+    spec = yaml.safe_load((ROOT / "configs" / "memorization_faithful.yaml").read_text())
+    cpu, full = (mem.plan_cells(spec, spec["train"], size=s) for s in ("cpu", "full"))
+    assert cpu and set(cpu) < set(full)
+
+
 def test_no_grid_is_every_policy_at_the_recipe_batch_and_seed():
     spec = {k: v for k, v in SPEC.items() if k != "grid"}
     assert [c.name for c in mem.plan_cells(spec, {**BASE, "seed": 3})] == [
