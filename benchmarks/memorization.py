@@ -250,6 +250,25 @@ def summarize_cell(rows: list[dict]) -> dict:
                                     "share_unclipped_last", "share_clipped_last")}}
 
 
+def versus_baseline(rows: list[dict], policy: str, batch: int, field: str) -> dict | None:
+    """``field`` of ``policy`` minus the unclipped run's, paired by seed (same canaries, same
+    data order seed): the per-seed differences, their mean and sd, and whether the mean
+    difference exceeds the seed spread (|mean| > the larger of the two policies' seed sd; None
+    below 2 seeds each)."""
+    def per_seed(p: str) -> dict[int, float]:
+        return {r["seed"]: r[field] for r in rows if r["policy"] == p and r["batch"] == batch
+                and r[field] is not None}
+    mine, base = per_seed(policy), per_seed("none")
+    seeds = sorted(set(mine) & set(base))
+    if not seeds:
+        return None
+    d = stats([mine[s] - base[s] for s in seeds])
+    sds = [stats(list(x.values()))["sd"] for x in (mine, base)]
+    exceeds = None if None in sds else abs(d["mean"]) > max(sds)
+    return {"seeds": seeds, "diffs": d["values"], "mean": d["mean"], "sd": d["sd"],
+            "exceeds_seed_spread": exceeds}
+
+
 def summarize(rows: list[dict]) -> dict:
     cells: dict[str, dict] = {}
     for p, b in sorted({(r["policy"], r["batch"]) for r in rows}, key=lambda t: (t[1], t[0])):
@@ -280,6 +299,8 @@ def summarize(rows: list[dict]) -> dict:
             cost is not None and cost <= MAX_WER_COST
         out["per_example"][c["batch"]] = {"max_gap": max(g for g in gaps.values() if g is not None),
                                           "gaps": gaps, "wer_cost_relative": cost,
+                                          "wer_vs_none": versus_baseline(
+                                              rows, "per_example", c["batch"], "test_wer"),
                                           "mitigates": ok}
         if ok:
             ok_batches.append(c["batch"])
@@ -298,8 +319,13 @@ def summarize(rows: list[dict]) -> dict:
         apcc = next((p for p in wer if p.startswith("apcc")), None)
         out["per_core"][b] = {
             "test_wer": wer,
+            "wer_vs_none": {p: versus_baseline(rows, p, b, "test_wer")
+                            for p in group if p != "none"},
             "exposure_r16": {p: c["by_repetitions"].get(16, {}).get("exposure", {}).get("mean")
                              for p, c in group.items()},
+            "auc": {p: c["auc"] for p, c in group.items()},
+            "auc_vs_none": {p: versus_baseline(rows, p, b, "auc") for p in group if p != "none"},
+            "epsilon_lower_bound": {p: c["epsilon_lower_bound"] for p, c in group.items()},
             "largest_seed_sd": max(sds) if sds else None,
             "best_pcc": best,
             "apcc_vs_best_pcc_relative": (wer[apcc]["mean"] / wer[best]["mean"] - 1)
@@ -328,6 +354,26 @@ def markdown_table(summary: dict) -> str:
             f"| {c['auc']['mean']:.2f} | {eps['mean']:.2f} "
             f"| {100 * w['mean']:.2f}{sd(w, 100)} "
             f"| {'-' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(lines)
+
+
+def per_core_table(summary: dict) -> str:
+    """The PCC / APCC comparison: test WER and audit vs the unclipped run, paired by seed."""
+    lines = ["| B | policy | seeds | test WER % | Δ WER vs none (paired, points) | beyond seed "
+             "spread | AUC | one-run ε ≥ | exposure r = 16 |", "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, k=100: "-" if v is None else f"{k * v:.2f}"  # noqa: E731
+    for b, pc in summary["per_core"].items():
+        for p, w in pc["test_wer"].items():
+            d = pc["wer_vs_none"].get(p)
+            delta = "–" if d is None else (f"{f(d['mean'])}" + ("" if d["sd"] is None else
+                                                               f" ± {f(d['sd'])}"))
+            beyond = "–" if d is None or d["exceeds_seed_spread"] is None else \
+                ("yes" if d["exceeds_seed_spread"] else "no")
+            sd = "" if w["sd"] is None else f" ± {f(w['sd'])}"
+            lines.append(f"| {b} | {p} | {len(w['values'])} | {f(w['mean'])}{sd} | {delta} "
+                         f"| {beyond} | {f(pc['auc'][p]['mean'], 1)} "
+                         f"| {f(pc['epsilon_lower_bound'][p]['mean'], 1)} "
+                         f"| {f(pc['exposure_r16'][p], 1)} |")
     return "\n".join(lines)
 
 
@@ -409,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="train recipe overrides key=value")
     a = p.parse_args(argv)
     if a.table:
-        print(markdown_table(summarize(load_rows(Path(a.out)))))
+        summary = summarize(load_rows(Path(a.out)))
+        print(markdown_table(summary))
+        if summary["per_core"]:
+            print()
+            print(per_core_table(summary))
         return 0
     spec = yaml.safe_load(Path(a.config).read_text())
     base = apply_overrides(copy.deepcopy(spec["train"]), list(a.overrides) +
