@@ -197,7 +197,10 @@ def rows_for(cell: Cell, key: dict, audit: dict, train: dict, *, train_utts: int
               "train_utts": train_utts, "canary_copies": copies,
               "copy_share": copies / (train_utts + copies),
               **{f"probe_{k}": v for k, v in probe.items()},
-              "train_wall_seconds": train["train_wall_seconds"], "device": train["device"],
+              # all invocations of the run (None: resumed from a checkpoint older than the total)
+              "train_wall_seconds": train.get("train_wall_seconds_total"),
+              "train_wall_seconds_last_invocation": train["train_wall_seconds"],
+              "device": train["device"],
               "key": key}
     return [{**common, "repetitions": r["repetitions"], "inserted": r["inserted"],
              "inserted_exact_match": r["inserted_exact_match"],

@@ -137,6 +137,28 @@ def test_nonfinite_loss_skipped_and_counted_when_asked(tiny_corpus, tmp_path):
         assert torch.equal(v, before[k])
 
 
+def test_training_time_adds_up_over_resumed_invocations(tiny_corpus, tmp_path):
+    first = _tiny_trainer(tiny_corpus, tmp_path)[0].fit()
+    assert first.total_wall_seconds == pytest.approx(first.wall_seconds, abs=0.05)
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["train_seconds"]
+    assert 0 < saved <= first.total_wall_seconds
+    again, _ = _tiny_trainer(tiny_corpus, tmp_path, **{"optim.max_steps": 5})
+    assert again.resume() and again.train_seconds == saved
+    second = again.fit()
+    assert second.steps == 5
+    assert second.total_wall_seconds == pytest.approx(saved + second.wall_seconds, abs=0.05)
+    # a finished run entered again reports the stored total, not this call's ~0 s
+    done, _ = _tiny_trainer(tiny_corpus, tmp_path, **{"optim.max_steps": 5})
+    assert done.resume() and done.fit().total_wall_seconds == pytest.approx(
+        torch.load(tmp_path / "last.pt", weights_only=False)["train_seconds"], abs=0.05)
+    # a checkpoint from before the total was recorded: unknown, not a wrong number
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    del ck["train_seconds"]
+    torch.save(ck, tmp_path / "last.pt")
+    old, _ = _tiny_trainer(tiny_corpus, tmp_path, **{"optim.max_steps": 5})
+    assert old.resume() and old.fit().total_wall_seconds is None
+
+
 def test_bucket_sampler_covers_every_utterance_once_and_is_deterministic():
     durs = [1.0 + (i % 7) for i in range(50)]
     s = DurationBucketSampler(durs, max_seconds=20, seed=1)

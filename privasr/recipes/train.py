@@ -142,6 +142,7 @@ def run_training(cfg: TrainConfig, log=print) -> dict:
     results = {
         "test_wer": test["wer"], "test_cer": test["cer"], "test_loss": test["loss"],
         "dev": res.dev, "steps": res.steps, "train_wall_seconds": res.wall_seconds,
+        "train_wall_seconds_total": res.total_wall_seconds,
         "wall_seconds": time.time() - t0, "audio_hours_seen": res.audio_seconds / 3600,
         "final_train_loss": res.final_train_loss, "skipped_nonfinite_steps": res.skipped_nonfinite,
         "data_skipped": dict(report.reasons), "parameters": count_parameters(model),

@@ -115,6 +115,9 @@ class TrainResult:
     dev: dict[str, float] = field(default_factory=dict)
     skipped_nonfinite: int = 0
     stopped: str | None = None  # why training ended before max_steps, if it did
+    # training wall time over every invocation that led to this model (None when resumed from
+    # a checkpoint written before the total was recorded)
+    total_wall_seconds: float | None = None
 
 
 class StepObserver(Protocol):
@@ -165,6 +168,8 @@ class Trainer:
         self.pos = Position()
         self.skipped = 0
         self.audio_seconds = 0.0
+        self.train_seconds: float | None = 0.0   # wall time of earlier invocations (fit adds)
+        self._fit_start: float | None = None
         if self.is_main:
             self.log = MetricsLogger(self.out)
         else:
@@ -198,6 +203,7 @@ class Trainer:
             if hasattr(self.model, "cfg") else None,
             "skipped_nonfinite": self.skipped,
             "audio_seconds": self.audio_seconds,
+            "train_seconds": self.total_train_seconds(),
             # stateful strategies (adaptive bounds, the privacy ledger) travel with the model
             "strategy": self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None,
         }
@@ -219,10 +225,18 @@ class Trainer:
         self.pos = Position(**ck["position"])
         self.skipped = ck.get("skipped_nonfinite", 0)
         self.audio_seconds = ck.get("audio_seconds", 0.0)
+        self.train_seconds = ck.get("train_seconds")
         if ck.get("strategy") is not None and hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(ck["strategy"])
         self.log.truncate_after(self.pos.step)
         return True
+
+    def total_train_seconds(self) -> float | None:
+        """Training wall time so far, summed over resumed invocations (None if unknown)."""
+        if self.train_seconds is None:
+            return None
+        now = time.time() - self._fit_start if self._fit_start is not None else 0.0
+        return self.train_seconds + now
 
     # -- the loop --------------------------------------------------------------------------
     def _autocast(self):
@@ -244,7 +258,7 @@ class Trainer:
         cfg = self.cfg
         loss_fn = checked(self._loss)
         self.model.train()
-        start = time.time()
+        start = self._fit_start = time.time()
         last_loss, window = math.nan, []
         dev: dict[str, float] = {}
         bar = tqdm(total=cfg.optim.max_steps, initial=self.pos.step, desc="train", unit="step",
@@ -315,6 +329,9 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.log.close()
+        total = self.total_train_seconds()
+        self.train_seconds, self._fit_start = total, None
         return TrainResult(steps=self.pos.step, wall_seconds=time.time() - start,
                            audio_seconds=self.audio_seconds, final_train_loss=last_loss, dev=dev,
-                           skipped_nonfinite=self.skipped, stopped=stopped)
+                           skipped_nonfinite=self.skipped, stopped=stopped,
+                           total_wall_seconds=total)
