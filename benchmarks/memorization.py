@@ -272,6 +272,35 @@ def versus_baseline(rows: list[dict], policy: str, batch: int, field: str) -> di
             "exceeds_seed_spread": exceeds}
 
 
+def exact_match_vs_none(rows: list[dict], policy: str, batch: int) -> dict:
+    """Per r: canaries recognised exactly under ``policy`` vs without clipping, pooled over the
+    seeds both have, with Fisher's exact test (two-sided, and one-sided for "``policy``
+    recognises fewer")."""
+    from scipy.stats import fisher_exact
+
+    def counts(p: str, seeds: set[int]) -> dict[int, tuple[int, int]]:
+        out: dict[int, tuple[int, int]] = {}
+        for r in rows:
+            if r["policy"] == p and r["batch"] == batch and r["seed"] in seeds \
+                    and r["inserted_exact_match"] is not None:
+                k, n = out.get(r["repetitions"], (0, 0))
+                out[r["repetitions"]] = (k + round(r["inserted_exact_match"] * r["inserted"]),
+                                         n + r["inserted"])
+        return out
+
+    seeds = ({r["seed"] for r in rows if r["policy"] == policy and r["batch"] == batch}
+             & {r["seed"] for r in rows if r["policy"] == "none" and r["batch"] == batch})
+    mine, base = counts(policy, seeds), counts("none", seeds)
+    out = {}
+    for rep in sorted(set(mine) & set(base)):
+        (k1, n1), (k0, n0) = mine[rep], base[rep]
+        table = [[k1, n1 - k1], [k0, n0 - k0]]
+        out[rep] = {"matched": k1, "of": n1, "none_matched": k0, "none_of": n0,
+                    "p_two_sided": float(fisher_exact(table)[1]),
+                    "p_fewer": float(fisher_exact(table, alternative="less")[1])}
+    return {"seeds": sorted(seeds), "by_repetitions": out}
+
+
 def summarize(rows: list[dict]) -> dict:
     cells: dict[str, dict] = {}
     for p, b in sorted({(r["policy"], r["batch"]) for r in rows}, key=lambda t: (t[1], t[0])):
@@ -304,6 +333,8 @@ def summarize(rows: list[dict]) -> dict:
                                           "gaps": gaps, "wer_cost_relative": cost,
                                           "wer_vs_none": versus_baseline(
                                               rows, "per_example", c["batch"], "test_wer"),
+                                          "exact_match_vs_none": exact_match_vs_none(
+                                              rows, "per_example", c["batch"]),
                                           "mitigates": ok}
         if ok:
             ok_batches.append(c["batch"])
@@ -328,6 +359,8 @@ def summarize(rows: list[dict]) -> dict:
                              for p, c in group.items()},
             "auc": {p: c["auc"] for p, c in group.items()},
             "auc_vs_none": {p: versus_baseline(rows, p, b, "auc") for p in group if p != "none"},
+            "exact_match_vs_none": {p: exact_match_vs_none(rows, p, b)
+                                    for p in group if p != "none"},
             "epsilon_lower_bound": {p: c["epsilon_lower_bound"] for p, c in group.items()},
             "largest_seed_sd": max(sds) if sds else None,
             "best_pcc": best,

@@ -140,6 +140,11 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     one_seed = mem.versus_baseline(rows, "per_example", 128, "test_wer")
     assert one_seed["diffs"] == pytest.approx([0.01]) and one_seed["exceeds_seed_spread"] is None
     assert mem.versus_baseline(rows, "pcc_c05", 32, "test_wer") is None
+    em = pe32["exact_match_vs_none"]            # seed 0 only (per_example has no seed 1)
+    assert em["seeds"] == [0]
+    assert (em["by_repetitions"][16]["matched"], em["by_repetitions"][16]["none_matched"]) == (3, 9)
+    assert em["by_repetitions"][16]["p_fewer"] < 0.05 < em["by_repetitions"][8]["p_fewer"]
+    assert em["by_repetitions"][1]["p_two_sided"] == pytest.approx(1.0)
     table = mem.markdown_table(s)
     assert "| none | 32 | 0,1 | 0 / 10 / 20 / 50 / 70 (20) | 1 |" in table
     pct = mem.per_core_table(s)
