@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "memorization_faithful.yaml"))
     p.add_argument("--grid", choices=("cpu", "full"), default="cpu",
-                   help="cpu: the config's cpu_grid (default; sized for 2 CPU cores, <= 3 h); "
+                   help="cpu: the config's cpu_grid (default; sized for 2 CPU cores: ~2.5 h, the sum of "
+                        "its cells' measured times); "
                         "full: its whole grid (a GPU session: add device=cuda)")
     p.add_argument("--policies", nargs="+", default=None)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None)
