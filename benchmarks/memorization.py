@@ -253,23 +253,26 @@ def summarize_cell(rows: list[dict]) -> dict:
                                     "share_unclipped_last", "share_clipped_last")}}
 
 
-def versus_baseline(rows: list[dict], policy: str, batch: int, field: str) -> dict | None:
-    """``field`` of ``policy`` minus the unclipped run's, paired by seed (same canaries, same
-    data order seed): the per-seed differences, their mean and sd, and whether the mean
-    difference exceeds the seed spread (|mean| > the larger of the two policies' seed sd; None
-    below 2 seeds each)."""
+def versus_baseline(rows: list[dict], policy: str, batch: int, field: str,
+                    baseline: str = "none", relative: bool = False) -> dict | None:
+    """``field`` of ``policy`` minus ``baseline``'s (default: the unclipped run), paired by seed
+    (same canaries, same data order seed): the per-seed differences (``relative``: policy /
+    baseline - 1), their mean and sd, and whether the mean difference exceeds the seed spread
+    (|mean| > the larger of the two policies' seed sd, relative to the baseline's mean when
+    ``relative``; None below 2 seeds each)."""
     def per_seed(p: str) -> dict[int, float]:
         return {r["seed"]: r[field] for r in rows if r["policy"] == p and r["batch"] == batch
                 and r[field] is not None}
-    mine, base = per_seed(policy), per_seed("none")
+    mine, base = per_seed(policy), per_seed(baseline)
     seeds = sorted(set(mine) & set(base))
     if not seeds:
         return None
-    d = stats([mine[s] - base[s] for s in seeds])
+    d = stats([mine[s] / base[s] - 1 if relative else mine[s] - base[s] for s in seeds])
     sds = [stats(list(x.values()))["sd"] for x in (mine, base)]
-    exceeds = None if None in sds else abs(d["mean"]) > max(sds)
+    spread = None if None in sds else max(sds) / (stats(list(base.values()))["mean"]
+                                                  if relative else 1.0)
     return {"seeds": seeds, "diffs": d["values"], "mean": d["mean"], "sd": d["sd"],
-            "exceeds_seed_spread": exceeds}
+            "exceeds_seed_spread": None if spread is None else abs(d["mean"]) > spread}
 
 
 def exact_match_vs_none(rows: list[dict], policy: str, batch: int) -> dict:
@@ -366,6 +369,8 @@ def summarize(rows: list[dict]) -> dict:
             "best_pcc": best,
             "apcc_vs_best_pcc_relative": (wer[apcc]["mean"] / wer[best]["mean"] - 1)
             if apcc and best else None,
+            "apcc_vs_best_pcc_paired": versus_baseline(rows, apcc, b, "test_wer", baseline=best,
+                                                       relative=True) if apcc and best else None,
             "min_seeds": min(len(w["values"]) for w in wer.values())}
     return out
 
@@ -396,18 +401,27 @@ def markdown_table(summary: dict) -> str:
 def per_core_table(summary: dict) -> str:
     """The PCC / APCC comparison: test WER and audit vs the unclipped run, paired by seed."""
     lines = ["| B | policy | seeds | test WER % | Δ WER vs none (paired, points) | beyond seed "
-             "spread | AUC | one-run ε ≥ | exposure r = 16 |", "|---|---|---|---|---|---|---|---|---|"]
+             "spread | APCC vs best PCC (paired, relative %) | AUC | one-run ε ≥ | exposure "
+             "r = 16 |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, k=100: "-" if v is None else f"{k * v:.2f}"  # noqa: E731
+
+    def paired(d: dict | None) -> tuple[str, str]:
+        if d is None:
+            return "–", "–"
+        delta = f(d["mean"]) + ("" if d["sd"] is None else f" ± {f(d['sd'])}")
+        beyond = "–" if d["exceeds_seed_spread"] is None else \
+            ("yes" if d["exceeds_seed_spread"] else "no")
+        return delta, beyond
+
     for b, pc in summary["per_core"].items():
         for p, w in pc["test_wer"].items():
-            d = pc["wer_vs_none"].get(p)
-            delta = "–" if d is None else (f"{f(d['mean'])}" + ("" if d["sd"] is None else
-                                                               f" ± {f(d['sd'])}"))
-            beyond = "–" if d is None or d["exceeds_seed_spread"] is None else \
-                ("yes" if d["exceeds_seed_spread"] else "no")
+            delta, beyond = paired(pc["wer_vs_none"].get(p))
+            vs_best = pc.get("apcc_vs_best_pcc_paired") if p.startswith("apcc") else None
+            best = "–" if vs_best is None else \
+                f"{paired(vs_best)[0]} vs {pc['best_pcc']} (beyond spread: {paired(vs_best)[1]})"
             sd = "" if w["sd"] is None else f" ± {f(w['sd'])}"
             lines.append(f"| {b} | {p} | {len(w['values'])} | {f(w['mean'])}{sd} | {delta} "
-                         f"| {beyond} | {f(pc['auc'][p]['mean'], 1)} "
+                         f"| {beyond} | {best} | {f(pc['auc'][p]['mean'], 1)} "
                          f"| {f(pc['epsilon_lower_bound'][p]['mean'], 1)} "
                          f"| {f(pc['exposure_r16'][p], 1)} |")
     return "\n".join(lines)

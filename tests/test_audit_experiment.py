@@ -133,6 +133,9 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     pc = s["per_core"][32]
     assert pc["best_pcc"] == "per_core" and pc["min_seeds"] == 2
     assert pc["apcc_vs_best_pcc_relative"] == pytest.approx(0.34 / 0.30 - 1)
+    vs_best = pc["apcc_vs_best_pcc_paired"]             # per seed: 0.33 / 0.30, 0.35 / 0.30
+    assert vs_best["diffs"] == pytest.approx([0.1, 0.35 / 0.30 - 1])
+    assert vs_best["exceeds_seed_spread"] is True       # 13 % > apcc's sd 0.014 / 0.30 = 4.7 %
     ap, pco = pc["wer_vs_none"]["apcc"], pc["wer_vs_none"]["per_core"]   # paired by seed
     assert ap["seeds"] == [0, 1] and ap["diffs"] == pytest.approx([0.03, 0.03])
     assert ap["exceeds_seed_spread"] is True            # 0.03 > seed sd 0.014
@@ -148,8 +151,9 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     table = mem.markdown_table(s)
     assert "| none | 32 | 0,1 | 0 / 10 / 20 / 50 / 70 (20) | 1 |" in table
     pct = mem.per_core_table(s)
-    assert "| 32 | apcc | 2 | 34.00 ± 1.41 | 3.00 ± 0.00 | yes |" in pct
-    assert "| 32 | none | 2 | 31.00 ± 1.41 | – | – |" in pct
+    assert "| 32 | apcc | 2 | 34.00 ± 1.41 | 3.00 ± 0.00 | yes | 13.33 ± 4.71 vs per_core " \
+        "(beyond spread: yes) |" in pct
+    assert "| 32 | none | 2 | 31.00 ± 1.41 | – | – | – |" in pct
     # a WER cost above 5 % fails the mitigation even with no gap
     worse = [dict(r, test_wer=0.40) if r["policy"] == "per_example" and r["batch"] == 128 else r
              for r in rows]
