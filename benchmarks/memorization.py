@@ -428,13 +428,29 @@ def per_core_table(summary: dict) -> str:
 
 
 # -- plots and report -----------------------------------------------------------------------------
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, rows: list[dict] = ()) -> Path:
+    """Exact match and exposure against r per cell; with ``rows``, also each cell's test WER
+    per seed (a line joins one seed's cells at one batch size: the paired comparison)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(16.5 if rows else 11, 4.2))
+    if rows:
+        names = list(summary["cells"])
+        wer = {(r["policy"], r["batch"], r["seed"]): r["test_wer"] for r in rows
+               if r["test_wer"] is not None}
+        for seed in sorted({k[2] for k in wer}):
+            for b in sorted({k[1] for k in wer}):
+                pts = [(i, 100 * wer[(c["policy"], b, seed)]) for i, (n, c) in
+                       enumerate(summary["cells"].items())
+                       if c["batch"] == b and (c["policy"], b, seed) in wer]
+                axes[2].plot(*zip(*pts), marker="o", color=f"C{seed}", alpha=0.7,
+                             label=f"seed {seed}" if b == min(k[1] for k in wer) else None)
+        axes[2].set_xticks(range(len(names)), names, rotation=60, fontsize=7, ha="right")
+        axes[2].set_title("test WER % per seed (line: one seed, one B)", fontsize=9)
+        axes[2].legend(fontsize=7)
     for name, c in summary["cells"].items():
         reps = sorted(c["by_repetitions"])
         ins = [c["by_repetitions"][r]["inserted_exact_match"] for r in reps]
@@ -444,7 +460,7 @@ def plot(summary: dict, path: Path) -> Path:
                         linestyle=":", linewidth=0.8)
         ex = [c["by_repetitions"][r]["exposure"]["mean"] for r in reps]
         axes[1].plot(reps, ex, marker="o", color=line[0].get_color(), label=name)
-    for ax, t in zip(axes, ("inserted exact match % (dotted: held-out)", "exposure (bits)")):
+    for ax, t in zip(axes[:2], ("inserted exact match % (dotted: held-out)", "exposure (bits)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("repetitions r")
         ax.set_title(t, fontsize=9)
@@ -455,10 +471,10 @@ def plot(summary: dict, path: Path) -> Path:
     return path
 
 
-def report(summary: dict, out_dir: Path) -> Path:
+def report(summary: dict, out_dir: Path, rows: list[dict] = ()) -> Path:
     import base64
 
-    png = plot(summary, out_dir / "memorization_faithful.png")
+    png = plot(summary, out_dir / "memorization_faithful.png", rows)
     rows = []
     for name, c in summary["cells"].items():
         for r, v in c["by_repetitions"].items():
@@ -622,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     if audits:
         write_audit_report(audits, out_dir / "memorization.html")
     if rows:
-        report(summary, out_dir)
+        report(summary, out_dir, rows)
     print(f"{'cell':<22} {'r':>3} {'ins EM':>7} {'held EM':>7} {'exposure':>8} {'test WER':>8}")
     for name, c in summary["cells"].items():
         for r, v in c["by_repetitions"].items():

@@ -165,6 +165,18 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     assert not mem.summarize(crowded)["memorizes"][32]["holds"]
 
 
+def test_plot_draws_the_per_seed_wer_panel(tmp_path):
+    mem_r = {1: 0.0, 4: 0.2, 16: 0.9}
+    rows = (_rows("none", 32, 0, mem_r, 0.0, 0.30) + _rows("none", 32, 1, mem_r, 0.0, 0.32)
+            + _rows("per_core", 32, 0, mem_r, 0.0, 0.29) + _rows("none", 128, 0, mem_r, 0.0, 0.31))
+    s = mem.summarize(rows)
+    import matplotlib.image
+
+    wide = matplotlib.image.imread(mem.plot(s, tmp_path / "a.png", rows))
+    narrow = matplotlib.image.imread(mem.plot(s, tmp_path / "b.png"))
+    assert wide.shape[1] > 1.4 * narrow.shape[1]       # the third panel is there
+
+
 def test_old_list_results_are_not_reused(tmp_path):
     f = tmp_path / "m.json"
     f.write_text(json.dumps([{"policy": "none", "repetitions": 1}]))
