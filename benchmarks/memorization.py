@@ -257,9 +257,9 @@ def versus_baseline(rows: list[dict], policy: str, batch: int, field: str,
                     baseline: str = "none", relative: bool = False) -> dict | None:
     """``field`` of ``policy`` minus ``baseline``'s (default: the unclipped run), paired by seed
     (same canaries, same data order seed): the per-seed differences (``relative``: policy /
-    baseline - 1), their mean and sd, and whether the mean difference exceeds the seed spread
-    (|mean| > the larger of the two policies' seed sd, relative to the baseline's mean when
-    ``relative``; None below 2 seeds each)."""
+    baseline - 1), their mean and sd, and whether the mean difference exceeds the seed spread:
+    |mean| > the larger of the two policies' seed sd (relative to the baseline's mean when
+    ``relative``) and > the sd of the paired differences themselves; None below 2 seeds each."""
     def per_seed(p: str) -> dict[int, float]:
         return {r["seed"]: r[field] for r in rows if r["policy"] == p and r["batch"] == batch
                 and r[field] is not None}
@@ -269,8 +269,8 @@ def versus_baseline(rows: list[dict], policy: str, batch: int, field: str,
         return None
     d = stats([mine[s] / base[s] - 1 if relative else mine[s] - base[s] for s in seeds])
     sds = [stats(list(x.values()))["sd"] for x in (mine, base)]
-    spread = None if None in sds else max(sds) / (stats(list(base.values()))["mean"]
-                                                  if relative else 1.0)
+    spread = None if None in sds or d["sd"] is None else max(
+        max(sds) / (stats(list(base.values()))["mean"] if relative else 1.0), d["sd"])
     return {"seeds": seeds, "diffs": d["values"], "mean": d["mean"], "sd": d["sd"],
             "exceeds_seed_spread": None if spread is None else abs(d["mean"]) > spread}
 

@@ -140,6 +140,13 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     assert ap["seeds"] == [0, 1] and ap["diffs"] == pytest.approx([0.03, 0.03])
     assert ap["exceeds_seed_spread"] is True            # 0.03 > seed sd 0.014
     assert pco["mean"] == pytest.approx(-0.01) and pco["exceeds_seed_spread"] is False
+    # a mean beyond both policies' seed sd, but not beyond the sd of the paired differences
+    # (none: 0.30, 0.32; pcc_c05: 0.30, 0.28 -> diffs 0, -0.04: mean -0.02 > both seed sds 0.014)
+    noisy = rows + _rows("pcc_c05", 32, 0, mem_r, 0.0, 0.30) + _rows("pcc_c05", 32, 1, mem_r,
+                                                                       0.0, 0.28)
+    pn = mem.versus_baseline(noisy, "pcc_c05", 32, "test_wer")
+    assert pn["diffs"] == pytest.approx([0.0, -0.04]) and pn["sd"] == pytest.approx(0.0283, 1e-2)
+    assert pn["exceeds_seed_spread"] is False
     one_seed = mem.versus_baseline(rows, "per_example", 128, "test_wer")
     assert one_seed["diffs"] == pytest.approx([0.01]) and one_seed["exceeds_seed_spread"] is None
     assert mem.versus_baseline(rows, "pcc_c05", 32, "test_wer") is None
