@@ -259,7 +259,9 @@ def versus_baseline(rows: list[dict], policy: str, batch: int, field: str,
     (same canaries, same data order seed): the per-seed differences (``relative``: policy /
     baseline - 1), their mean and sd, and whether the mean difference exceeds the seed spread:
     |mean| > the larger of the two policies' seed sd (relative to the baseline's mean when
-    ``relative``) and > the sd of the paired differences themselves; None below 2 seeds each."""
+    ``relative``) and > the sd of the paired differences themselves; None below 2 seeds each.
+    ``p_paired_t``: two-sided one-sample t test of the differences against 0 (None below 2 seeds):
+    the spread rule is a weak criterion at 2-3 seeds, the p value says how weak."""
     def per_seed(p: str) -> dict[int, float]:
         return {r["seed"]: r[field] for r in rows if r["policy"] == p and r["batch"] == batch
                 and r[field] is not None}
@@ -272,7 +274,19 @@ def versus_baseline(rows: list[dict], policy: str, batch: int, field: str,
     spread = None if None in sds or d["sd"] is None else max(
         max(sds) / (stats(list(base.values()))["mean"] if relative else 1.0), d["sd"])
     return {"seeds": seeds, "diffs": d["values"], "mean": d["mean"], "sd": d["sd"],
-            "exceeds_seed_spread": None if spread is None else abs(d["mean"]) > spread}
+            "exceeds_seed_spread": None if spread is None else abs(d["mean"]) > spread,
+            "p_paired_t": paired_t_p(d["values"])}
+
+
+def paired_t_p(diffs: list[float]) -> float | None:
+    """Two-sided p value of a one-sample t test of ``diffs`` against 0; None below 2 values."""
+    from scipy.stats import ttest_1samp
+
+    if len(diffs) < 2:
+        return None
+    if max(diffs) == min(diffs):                       # no spread: t is 0 or infinite
+        return 1.0 if diffs[0] == 0 else 0.0
+    return float(ttest_1samp(diffs, 0.0).pvalue)
 
 
 def exact_match_vs_none(rows: list[dict], policy: str, batch: int) -> dict:
@@ -411,6 +425,8 @@ def per_core_table(summary: dict) -> str:
         delta = f(d["mean"]) + ("" if d["sd"] is None else f" ± {f(d['sd'])}")
         beyond = "–" if d["exceeds_seed_spread"] is None else \
             ("yes" if d["exceeds_seed_spread"] else "no")
+        if d.get("p_paired_t") is not None:
+            beyond += f", t test p = {d['p_paired_t']:.2f}"
         return delta, beyond
 
     for b, pc in summary["per_core"].items():

@@ -147,6 +147,9 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     pn = mem.versus_baseline(noisy, "pcc_c05", 32, "test_wer")
     assert pn["diffs"] == pytest.approx([0.0, -0.04]) and pn["sd"] == pytest.approx(0.0283, 1e-2)
     assert pn["exceeds_seed_spread"] is False
+    assert pn["p_paired_t"] == pytest.approx(0.5)          # t = -1 with 1 degree of freedom
+    assert ap["p_paired_t"] < 1e-6 and mem.paired_t_p([0.0, 0.0]) == 1.0
+    assert mem.paired_t_p([0.01]) is None
     one_seed = mem.versus_baseline(rows, "per_example", 128, "test_wer")
     assert one_seed["diffs"] == pytest.approx([0.01]) and one_seed["exceeds_seed_spread"] is None
     assert mem.versus_baseline(rows, "pcc_c05", 32, "test_wer") is None
@@ -158,8 +161,8 @@ def test_summary_pools_seeds_and_applies_the_issue_criteria():
     table = mem.markdown_table(s)
     assert "| none | 32 | 0,1 | 0 / 10 / 20 / 50 / 70 (20) | 1 |" in table
     pct = mem.per_core_table(s)
-    assert "| 32 | apcc | 2 | 34.00 ± 1.41 | 3.00 ± 0.00 | yes | 13.33 ± 4.71 vs per_core " \
-        "(beyond spread: yes) |" in pct
+    assert "| 32 | apcc | 2 | 34.00 ± 1.41 | 3.00 ± 0.00 | yes, t test p = 0.00 | 13.33 ± 4.71 " \
+        "vs per_core (beyond spread: yes, t test p = 0.16) |" in pct
     assert "| 32 | none | 2 | 31.00 ± 1.41 | – | – | – |" in pct
     # a WER cost above 5 % fails the mitigation even with no gap
     worse = [dict(r, test_wer=0.40) if r["policy"] == "per_example" and r["batch"] == 128 else r
