@@ -1,6 +1,6 @@
 """Recompute the memorization summary from the rows of benchmarks/results/memorization.json with
-the current code, then replace each README table whose header line equals one that
-``benchmarks/memorization.py --table`` prints.
+the current code, then replace each README table whose header line equals one of the tables
+that ``benchmarks/memorization.py --table`` prints (same functions).
 
     python tools/readme_memorization_tables.py
 """
@@ -8,7 +8,6 @@ the current code, then replace each README table whose header line equals one th
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,13 +22,13 @@ from privasr.atomic import atomic_write_text  # noqa: E402
 def main() -> int:
     results = ROOT / "benchmarks" / "results" / "memorization.json"
     data = json.loads(results.read_text())
-    data["summary"] = memorization.summarize(data["rows"])
+    summary = data["summary"] = memorization.summarize(data["rows"])
     atomic_write_text(results, json.dumps(data, indent=1))
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memorization.py"), "--table"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    tables = [memorization.markdown_table(summary)] + (
+        [memorization.per_core_table(summary)] if summary["per_core"] else [])
     readme = ROOT / "README.md"
     lines = readme.read_text().split("\n")
-    for table in out.split("\n\n"):
+    for table in tables:
         new = table.split("\n")
         if new[0] not in lines:
             raise SystemExit(f"README has no table with the header {new[0]!r}")
@@ -38,7 +37,7 @@ def main() -> int:
             end += 1
         lines[start:end] = new
     atomic_write_text(readme, "\n".join(lines))
-    print(f"summary of {len(data['rows'])} rows; {len(out.split(chr(10) * 2))} README tables updated")
+    print(f"summary of {len(data['rows'])} rows; {len(tables)} README tables updated")
     return 0
 
 
