@@ -1,0 +1,111 @@
+"""Signal vs noise of a DP fine-tuning run: how large the clipped mean gradient is next to the
+Gaussian noise DP-SGD adds to it (issue 16's "what limits it").
+
+For ``n`` training utterances drawn at random (``--seed``), one at a time: each example's
+gradient over the trainable parameters, its norm, clipped to C. Reported:
+
+- ``signal``: an unbiased estimate of ||E[clip(g)]||, the norm of the clipped mean gradient of
+  the whole training set (the plain norm of the n-sample mean is biased up by the sampling
+  spread: ||mean||^2 - spread/n; both are printed);
+- ``noise``: sigma * C * sqrt(d) / E[B], the norm of the noise on the mean gradient per step;
+- their ratio, the per-example norms and the share clipped.
+
+The model is the run's checkpoint (``--ckpt``, default ``RUN/last.pt``) or, with ``--ckpt init``,
+the starting point (pre-trained encoder + fresh PEFT modules). It reads private training
+examples: the numbers are a diagnostic for the run's owner, NOT covered by the run's ε.
+
+    python tools/dp_signal_noise.py runs/dp_peft_assistant/adapters_top6_eps8_s0 --ckpt init
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from privasr.config import load_config
+from privasr.data.manifest import SkipReport
+from privasr.data.splits import load_split, manifest_paths
+from privasr.data.tokenizer import CharTokenizer
+from privasr.inference import load_model
+from privasr.models.build import build_model
+from privasr.models.loss import per_example_ctc
+from privasr.peft.apply import prepare_model
+
+
+def model_of(run: Path, ckpt: str, cfg) -> torch.nn.Module:
+    if ckpt == "init":
+        model = build_model(cfg, CharTokenizer().vocab_size)
+        prepare_model(cfg, model, log=lambda *_: None)
+        return model.eval()
+    return load_model(ckpt or run / "last.pt")[0]
+
+
+def measure(model: torch.nn.Module, ds, indices: list[int], clip: float) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    d = sum(p.numel() for p in params)
+    total = torch.zeros(d, dtype=torch.float64)
+    raw_total = torch.zeros(d, dtype=torch.float64)
+    norms, sq_clipped = [], 0.0
+    for i in indices:
+        loss = per_example_ctc(model, ds.collate([i])).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        g = torch.cat([(x if x is not None else torch.zeros_like(p)).detach().flatten()
+                       for x, p in zip(grads, params)]).double()
+        norm = float(g.norm())
+        norms.append(norm)
+        scale = min(1.0, clip / norm) if norm > 0 else 1.0
+        total += g * scale
+        raw_total += g
+        sq_clipped += (norm * scale) ** 2
+    n = len(indices)
+    mean_sq = float(total.norm()) ** 2 / n ** 2
+    unbiased = (n * mean_sq - sq_clipped / n) / (n - 1)     # E||mean||^2 = ||mu||^2 + tr(S)/n
+    return {"d": d, "n": n, "norm_median": statistics.median(norms),
+            "norm_p10": statistics.quantiles(norms, n=10)[0],
+            "norm_p90": statistics.quantiles(norms, n=10)[-1],
+            "clipped_share": sum(x > clip for x in norms) / n,
+            "clipped_mean_norm_sample": math.sqrt(mean_sq),
+            "signal": math.sqrt(max(unbiased, 0.0)),
+            "unclipped_mean_norm_sample": float(raw_total.norm()) / n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a privasr train run directory (config.json)")
+    ap.add_argument("--ckpt", default="", help="checkpoint, or 'init' (default RUN/last.pt)")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="append the result as one JSON line here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cfg = load_config(a.run / "config.json", [])
+    pc = cfg.privacy
+    clip = float((pc.policy or {}).get("clip_norm") or 1.0)
+    res = json.loads((a.run / "results.json").read_text()) if (a.run / "results.json").exists() \
+        else {}
+    sigma = (res.get("privacy") or {}).get("noise_multiplier")
+    ds = load_split(manifest_paths(cfg)["train"], cfg, CharTokenizer(), SkipReport())
+    g = torch.Generator().manual_seed(a.seed)
+    indices = torch.randperm(len(ds), generator=g)[:a.n].tolist()
+    with torch.enable_grad():
+        m = measure(model_of(a.run, a.ckpt, cfg), ds, indices, clip)
+    out = {"run": str(a.run), "ckpt": a.ckpt or str(a.run / "last.pt"), "seed": a.seed,
+           "clip_norm": clip, "expected_batch_size": pc.expected_batch_size,
+           "noise_multiplier": sigma, "n_private": len(ds), **m}
+    if sigma is not None:
+        out["noise"] = sigma * clip * math.sqrt(m["d"]) / pc.expected_batch_size
+        out["signal_to_noise"] = m["signal"] / out["noise"]
+    print(json.dumps(out, indent=1))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(out) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
