@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from privasr.data.splits import load_split, manifest_paths
 from privasr.data.tokenizer import CharTokenizer
 from privasr.inference import load_model
 from privasr.models.build import build_model
-from privasr.models.loss import per_example_ctc
 from privasr.peft.apply import prepare_model
+from privasr.peft.signal_noise import clipped_signal, noise_on_mean
 
 
 def model_of(run: Path, ckpt: str, cfg) -> torch.nn.Module:
@@ -43,35 +41,6 @@ def model_of(run: Path, ckpt: str, cfg) -> torch.nn.Module:
         prepare_model(cfg, model, log=lambda *_: None)
         return model.eval()
     return load_model(ckpt or run / "last.pt")[0]
-
-
-def measure(model: torch.nn.Module, ds, indices: list[int], clip: float) -> dict[str, float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    d = sum(p.numel() for p in params)
-    total = torch.zeros(d, dtype=torch.float64)
-    raw_total = torch.zeros(d, dtype=torch.float64)
-    norms, sq_clipped = [], 0.0
-    for i in indices:
-        loss = per_example_ctc(model, ds.collate([i])).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        g = torch.cat([(x if x is not None else torch.zeros_like(p)).detach().flatten()
-                       for x, p in zip(grads, params)]).double()
-        norm = float(g.norm())
-        norms.append(norm)
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        total += g * scale
-        raw_total += g
-        sq_clipped += (norm * scale) ** 2
-    n = len(indices)
-    mean_sq = float(total.norm()) ** 2 / n ** 2
-    unbiased = (n * mean_sq - sq_clipped / n) / (n - 1)     # E||mean||^2 = ||mu||^2 + tr(S)/n
-    return {"d": d, "n": n, "norm_median": statistics.median(norms),
-            "norm_p10": statistics.quantiles(norms, n=10)[0],
-            "norm_p90": statistics.quantiles(norms, n=10)[-1],
-            "clipped_share": sum(x > clip for x in norms) / n,
-            "clipped_mean_norm_sample": math.sqrt(mean_sq),
-            "signal": math.sqrt(max(unbiased, 0.0)),
-            "unclipped_mean_norm_sample": float(raw_total.norm()) / n}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,13 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_split(manifest_paths(cfg)["train"], cfg, CharTokenizer(), SkipReport())
     g = torch.Generator().manual_seed(a.seed)
     indices = torch.randperm(len(ds), generator=g)[:a.n].tolist()
-    with torch.enable_grad():
-        m = measure(model_of(a.run, a.ckpt, cfg), ds, indices, clip)
+    m = clipped_signal(model_of(a.run, a.ckpt, cfg), ds, indices, clip)
     out = {"run": str(a.run), "ckpt": a.ckpt or str(a.run / "last.pt"), "seed": a.seed,
            "clip_norm": clip, "expected_batch_size": pc.expected_batch_size,
            "noise_multiplier": sigma, "n_private": len(ds), **m}
     if sigma is not None:
-        out["noise"] = sigma * clip * math.sqrt(m["d"]) / pc.expected_batch_size
+        out["noise"] = noise_on_mean(sigma, clip, m["d"], pc.expected_batch_size)
         out["signal_to_noise"] = m["signal"] / out["noise"]
     print(json.dumps(out, indent=1))
     if a.out:
