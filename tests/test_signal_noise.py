@@ -10,7 +10,7 @@ from privasr.data.manifest import read_manifest
 from privasr.data.tokenizer import CharTokenizer
 from privasr.models.conformer import ConformerCTC, config_for
 from privasr.models.loss import per_example_ctc
-from privasr.peft.signal_noise import clipped_signal, noise_on_mean
+from privasr.peft.signal_noise import clipped_signal, group_of, noise_on_mean
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def test_identical_examples_give_the_clipped_norm_itself(ds, one_thread):
         assert got["clipped_mean_norm_sample"] == pytest.approx(min(norm, clip), rel=1e-4)
         assert got["unclipped_mean_norm_sample"] == pytest.approx(norm, rel=1e-4)
         assert got["clipped_share"] == (1.0 if clip < norm else 0.0)
+        groups = got["by_group"].values()        # the groups split d and the signal's square
+        assert sum(g["d"] for g in groups) == got["d"]
+        assert math.fsum(g["signal"] ** 2 for g in groups) == pytest.approx(
+            got["signal"] ** 2, rel=1e-4)
 
 
 def test_unclipped_sample_mean_is_the_batch_gradient_and_signal_is_below_it(ds, one_thread):
@@ -53,6 +57,12 @@ def test_unclipped_sample_mean_is_the_batch_gradient_and_signal_is_below_it(ds, 
     assert got["clipped_mean_norm_sample"] == pytest.approx(got["unclipped_mean_norm_sample"])
     assert got["signal"] < got["clipped_mean_norm_sample"]  # distinct examples: bias removed
     assert got["d"] == sum(p.numel() for p in model.parameters())
+
+
+def test_groups_are_modules_at_most_three_levels_deep():
+    assert group_of("encoder.blocks.3.adapter.up.weight") == "encoder.blocks.3"
+    assert group_of("head.weight") == "head"
+    assert group_of("scale") == "scale"
 
 
 def test_noise_on_mean_and_too_few_examples(ds):

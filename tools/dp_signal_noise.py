@@ -15,6 +15,8 @@ the starting point (pre-trained encoder + fresh PEFT modules). It reads private 
 examples: the numbers are a diagnostic for the run's owner, NOT covered by the run's ε.
 
     python tools/dp_signal_noise.py runs/dp_peft_assistant/adapters_top6_eps8_s0 --ckpt init
+    python tools/dp_signal_noise.py runs/dp_peft_assistant/adapters_top6_eps8_s0 --ckpt init \
+        finetune.adapter_dim=8        # screen a smaller adapter at the same σ, E[B]
 """
 from __future__ import annotations
 
@@ -46,13 +48,17 @@ def model_of(run: Path, ckpt: str, cfg) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a privasr train run directory (config.json)")
+    ap.add_argument("overrides", nargs="*", help="key=value changes to the run's config "
+                    "(with --ckpt init: screen another PEFT set-up at the run's σ and E[B])")
     ap.add_argument("--ckpt", default="", help="checkpoint, or 'init' (default RUN/last.pt)")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="append the result as one JSON line here")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     torch.set_num_threads(2)
-    cfg = load_config(a.run / "config.json", [])
+    if a.overrides and a.ckpt != "init":
+        ap.error("overrides change the model: only with --ckpt init")
+    cfg = load_config(a.run / "config.json", a.overrides)
     pc = cfg.privacy
     clip = float((pc.policy or {}).get("clip_norm") or 1.0)
     res = json.loads((a.run / "results.json").read_text()) if (a.run / "results.json").exists() \
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(a.seed)
     indices = torch.randperm(len(ds), generator=g)[:a.n].tolist()
     m = clipped_signal(model_of(a.run, a.ckpt, cfg), ds, indices, clip)
-    out = {"run": str(a.run), "ckpt": a.ckpt or str(a.run / "last.pt"), "seed": a.seed,
+    out = {"run": str(a.run), "overrides": a.overrides, "ckpt": a.ckpt or str(a.run / "last.pt"),
+           "seed": a.seed,
            "clip_norm": clip, "expected_batch_size": pc.expected_batch_size,
            "noise_multiplier": sigma, "n_private": len(ds), **m}
     if sigma is not None:

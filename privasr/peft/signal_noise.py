@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,18 @@ from torch import nn
 from privasr.data.dataset import AsrDataset
 from privasr.models.loss import per_example_ctc
 
-__all__ = ["clipped_signal", "noise_on_mean"]
+__all__ = ["clipped_signal", "noise_on_mean", "group_of"]
+
+
+def group_of(name: str) -> str:
+    """The module a parameter belongs to, at most 3 levels deep ("encoder.blocks.3", "head")."""
+    return ".".join(name.split(".")[:-1][:3]) or name
+
+
+def _unbiased(sum_vec: torch.Tensor, sum_sq: float, n: int) -> float:
+    """sqrt of the unbiased estimate of ||μ||² from n vectors: their sum and summed squared norms."""
+    mean_sq = float(sum_vec.norm()) ** 2 / n ** 2
+    return math.sqrt(max((n * mean_sq - sum_sq / n) / (n - 1), 0.0))
 
 
 def noise_on_mean(noise_multiplier: float, clip_norm: float, dim: int,
@@ -30,16 +41,25 @@ def noise_on_mean(noise_multiplier: float, clip_norm: float, dim: int,
 
 
 def clipped_signal(model: nn.Module, ds: AsrDataset, indices: Sequence[int], clip_norm: float,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
     """Per-example gradients (trainable parameters) of ``indices``, clipped to ``clip_norm``.
 
     ``signal`` is an unbiased estimate of ||E[clip(g)]||² (square-rooted, floored at 0): the
     n-sample mean's squared norm exceeds it by the spread over n, E||ḡ||² = ||μ||² +
-    (E||g||² − ||μ||²)/n. ``clipped_mean_norm_sample`` is the plain ||ḡ||. Needs n ≥ 2."""
+    (E||g||² − ||μ||²)/n. ``clipped_mean_norm_sample`` is the plain ||ḡ||. ``by_group``: the
+    same estimate and d for each module group (:func:`group_of`) of the globally clipped
+    gradient: where the signal is. Needs n ≥ 2."""
     if len(indices) < 2:
         raise ValueError("clipped_signal needs at least 2 examples")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     d = sum(p.numel() for p in params)
+    slices: dict[str, list[slice]] = {}
+    at = 0
+    for k, p in named:
+        slices.setdefault(group_of(k), []).append(slice(at, at + p.numel()))
+        at += p.numel()
+    sq_group = dict.fromkeys(slices, 0.0)
     clipped = torch.zeros(d, dtype=torch.float64)
     raw = torch.zeros(d, dtype=torch.float64)
     norms: list[float] = []
@@ -56,12 +76,15 @@ def clipped_signal(model: nn.Module, ds: AsrDataset, indices: Sequence[int], cli
             clipped += g * scale
             raw += g
             sq_clipped += (norm * scale) ** 2
+            for k, parts in slices.items():
+                sq_group[k] += sum(float(g[sl].norm()) ** 2 for sl in parts) * scale ** 2
     n = len(indices)
-    mean_sq = float(clipped.norm()) ** 2 / n ** 2
-    unbiased = (n * mean_sq - sq_clipped / n) / (n - 1)
+    by_group = {k: {"d": sum(sl.stop - sl.start for sl in parts),
+                    "signal": _unbiased(torch.cat([clipped[sl] for sl in parts]), sq_group[k], n)}
+                for k, parts in slices.items()}
     deciles = statistics.quantiles(norms, n=10)
     return {"d": d, "n": n, "norm_median": statistics.median(norms), "norm_p10": deciles[0],
             "norm_p90": deciles[-1], "clipped_share": sum(x > clip_norm for x in norms) / n,
-            "clipped_mean_norm_sample": math.sqrt(mean_sq),
-            "signal": math.sqrt(max(unbiased, 0.0)),
-            "unclipped_mean_norm_sample": float(raw.norm()) / n}
+            "clipped_mean_norm_sample": float(clipped.norm()) / n,
+            "signal": _unbiased(clipped, sq_clipped, n),
+            "unclipped_mean_norm_sample": float(raw.norm()) / n, "by_group": by_group}
