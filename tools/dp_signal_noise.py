@@ -4,9 +4,9 @@ Gaussian noise DP-SGD adds to it (issue 16's "what limits it").
 For ``n`` training utterances drawn at random (``--seed``), one at a time: each example's
 gradient over the trainable parameters, its norm, clipped to C. Reported:
 
-- ``signal``: an unbiased estimate of ||E[clip(g)]||, the norm of the clipped mean gradient of
-  the whole training set (the plain norm of the n-sample mean is biased up by the sampling
-  spread: ||mean||^2 - spread/n; both are printed);
+- ``signal``: the square root of an unbiased estimate of ||E[clip(g)]||², the clipped mean
+  gradient of the whole training set (the plain n-sample mean's squared norm is biased up by
+  spread/n; both are printed), also per module (``by_group``);
 - ``noise``: sigma * C * sqrt(d) / E[B], the norm of the noise on the mean gradient per step;
 - their ratio, the per-example norms and the share clipped.
 
