@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ckpt", default="", help="checkpoint, or 'init' (default RUN/last.pt)")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip", type=float, help="C (default: the run's privacy.policy.clip_norm)")
     ap.add_argument("--out", type=Path, help="append the result as one JSON line here")
     a = ap.parse_intermixed_args(argv)
     torch.set_num_threads(2)
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("overrides change the model: only with --ckpt init")
     cfg = load_config(a.run / "config.json", a.overrides)
     pc = cfg.privacy
-    clip = float((pc.policy or {}).get("clip_norm") or 1.0)
+    clip = a.clip or (pc.policy or {}).get("clip_norm")
+    if clip is None:
+        ap.error(f"{a.run} has no privacy.policy.clip_norm: give --clip")
     res = json.loads((a.run / "results.json").read_text()) if (a.run / "results.json").exists() \
         else {}
     sigma = (res.get("privacy") or {}).get("noise_multiplier")
@@ -69,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     indices = torch.randperm(len(ds), generator=g)[:a.n].tolist()
     m = clipped_signal(model_of(a.run, a.ckpt, cfg), ds, indices, clip)
     out = {"run": str(a.run), "overrides": a.overrides, "ckpt": a.ckpt or str(a.run / "last.pt"),
-           "seed": a.seed,
-           "clip_norm": clip, "expected_batch_size": pc.expected_batch_size,
+           "seed": a.seed, "clip_norm": clip, "expected_batch_size": pc.expected_batch_size,
            "noise_multiplier": sigma, "n_private": len(ds), **m}
     if sigma is not None:
         out["noise"] = noise_on_mean(sigma, clip, m["d"], pc.expected_batch_size)
@@ -83,4 +84,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -4,7 +4,8 @@
 reuses finished runs. When the reference runs were made on another machine (their folders are
 not here) and only the DP grid is run here (`nonprivate=false 'nonprivate_peft=[]'`), this joins
 the two: the reference rows (epsilon null) of REFERENCES, the DP rows of NEW, gap_closed
-recomputed. It refuses unless both files' zero-shot rows agree (same public model, same test set).
+recomputed; the targets come from NEW's experiment.json beside it. It refuses unless both
+files' zero-shot rows agree (same public model, same test set).
 
     python tools/merge_peft_references.py benchmarks/results/dp_peft_top6.json \
         runs/dp_peft_assistant/dp_peft_top6.json --out benchmarks/results/dp_peft_top6.json
@@ -33,11 +34,12 @@ def main() -> None:
     ap.add_argument("references", type=Path)
     ap.add_argument("new", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--target-ratio", type=float, default=1.3)
     a = ap.parse_args()
     rows = merge(json.loads(a.references.read_text()), json.loads(a.new.read_text()))
     atomic_write_text(a.out, json.dumps(rows, indent=1))
-    print(json.dumps(summarize(rows, a.target_ratio, {8: 0.5, 3: 0.3}), indent=1))
+    exp = json.loads((a.new.parent / "experiment.json").read_text())  # the DP run's targets
+    gaps = {float(k): v for k, v in exp["gap_targets"].items()}
+    print(json.dumps(summarize(rows, exp["target_ratio"], gaps), indent=1))
     for r in rows:
         print(r["method"], r["epsilon"], r.get("seed"), f"{100 * r['test_wer']:.2f} %",
               r.get("gap_closed"), r.get("noise_multiplier"), r.get("step_seconds"))

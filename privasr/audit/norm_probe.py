@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from privasr.errors import ConfigError
 from privasr.models.loss import per_example_ctc
 from privasr.train.trainer import BucketPlan, PoissonPlan
 
-__all__ = ["NormProbe", "check_settings", "example_grad_norms", "norm_share", "canary_indices",
+__all__ = ["NormProbe", "check_settings", "example_grad_norms", "example_gradients", "norm_share", "canary_indices",
            "run_batch_size", "per_example_bound", "summarize_rows", "OUTSIDE_EPSILON"]
 
 OUTSIDE_EPSILON = ("norm_probe.csv: per-example gradient norms of probe canaries and ordinary "
@@ -81,18 +81,23 @@ def per_example_bound(policy: ClipPolicy | None) -> float | None:
     return float(policy.clip_norm)
 
 
-def example_grad_norms(model: nn.Module, ds: AsrDataset, indices: Sequence[int],
-                       device: torch.device | str) -> list[float]:
-    """The unclipped L2 norm of each example's loss gradient over the trainable parameters,
-    one example at a time (``torch.autograd.grad``: ``.grad`` is left as it is)."""
+def example_gradients(model: nn.Module, ds: AsrDataset, indices: Sequence[int],
+                      device: torch.device | str) -> Iterator[torch.Tensor]:
+    """Each example's loss gradient over the trainable parameters (in ``named_parameters``
+    order), flattened to one float64 CPU vector, one example at a time (``torch.autograd.grad``:
+    ``.grad`` is left as it is)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    out = []
     for i in indices:
         loss = per_example_ctc(model, ds.collate([i]).to(device)).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
-        out.append(math.sqrt(sq))
-    return out
+        yield torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten()
+                         for g, p in zip(grads, params)]).double().cpu()
+
+
+def example_grad_norms(model: nn.Module, ds: AsrDataset, indices: Sequence[int],
+                       device: torch.device | str) -> list[float]:
+    """The unclipped L2 norm of each example's loss gradient (:func:`example_gradients`)."""
+    return [float(g.norm()) for g in example_gradients(model, ds, indices, device)]
 
 
 def norm_share(canary: Sequence[float], ordinary: Sequence[float], batch_size: float,

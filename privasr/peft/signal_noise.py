@@ -5,7 +5,8 @@ mean gradient ``E[clip(g)]``, the noise on it has norm about ``σ·C·√d / E[B
 is much smaller than the second, more steps at the same σ walk at random (issue 16: why DP
 fine-tuning stops short of non-private fine-tuning).
 
-The per-example gradients come from one backward pass per example (exact, no engine). They are
+The per-example gradients come from one backward pass per example (exact, no engine;
+``privasr.audit.norm_probe.example_gradients``, as the memorization probe). They are
 statistics of private training examples: a diagnostic, NOT covered by any run's ε.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from privasr.data.dataset import AsrDataset
-from privasr.models.loss import per_example_ctc
+from privasr.audit.norm_probe import example_gradients
 
 __all__ = ["clipped_signal", "noise_on_mean", "group_of"]
 
@@ -52,8 +53,7 @@ def clipped_signal(model: nn.Module, ds: AsrDataset, indices: Sequence[int], cli
     if len(indices) < 2:
         raise ValueError("clipped_signal needs at least 2 examples")
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    d = sum(p.numel() for p in params)
+    d = sum(p.numel() for _, p in named)
     slices: dict[str, list[slice]] = {}
     at = 0
     for k, p in named:
@@ -65,11 +65,7 @@ def clipped_signal(model: nn.Module, ds: AsrDataset, indices: Sequence[int], cli
     norms: list[float] = []
     sq_clipped = 0.0
     with torch.enable_grad():
-        for i in indices:
-            loss = per_example_ctc(model, ds.collate([i]).to(device)).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            g = torch.cat([(x if x is not None else torch.zeros_like(p)).detach().flatten()
-                           for x, p in zip(grads, params)]).double().cpu()
+        for g in example_gradients(model, ds, indices, device):
             norm = float(g.norm())
             scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
             norms.append(norm)
