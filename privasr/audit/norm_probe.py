@@ -26,10 +26,10 @@ from privasr.clipping.policy import ClipPolicy
 from privasr.config import AuditConfig
 from privasr.data.dataset import AsrDataset
 from privasr.errors import ConfigError
-from privasr.models.loss import per_example_ctc
+from privasr.models.loss import example_gradients
 from privasr.train.trainer import BucketPlan, PoissonPlan
 
-__all__ = ["NormProbe", "check_settings", "example_grad_norms", "example_gradients", "norm_share", "canary_indices",
+__all__ = ["NormProbe", "check_settings", "example_grad_norms", "norm_share", "canary_indices",
            "run_batch_size", "per_example_bound", "summarize_rows", "OUTSIDE_EPSILON"]
 
 OUTSIDE_EPSILON = ("norm_probe.csv: per-example gradient norms of probe canaries and ordinary "
@@ -79,19 +79,6 @@ def per_example_bound(policy: ClipPolicy | None) -> float | None:
             or policy.scope != "global" or policy.clip_norm is None:
         return None
     return float(policy.clip_norm)
-
-
-def example_gradients(model: nn.Module, ds: AsrDataset, indices: Sequence[int],
-                      device: torch.device | str) -> Iterator[torch.Tensor]:
-    """Each example's loss gradient over the trainable parameters (in ``named_parameters``
-    order), flattened to one float64 CPU vector, one example at a time (``torch.autograd.grad``:
-    ``.grad`` is left as it is)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for i in indices:
-        loss = per_example_ctc(model, ds.collate([i]).to(device)).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        yield torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten()
-                         for g, p in zip(grads, params)]).double().cpu()
 
 
 def example_grad_norms(model: nn.Module, ds: AsrDataset, indices: Sequence[int],

@@ -6,7 +6,7 @@ is much smaller than the second, more steps at the same σ walk at random (issue
 fine-tuning stops short of non-private fine-tuning).
 
 The per-example gradients come from one backward pass per example (exact, no engine;
-``privasr.audit.norm_probe.example_gradients``, as the memorization probe). They are
+``privasr.models.loss.example_gradients``, as the memorization probe). They are
 statistics of private training examples: a diagnostic, NOT covered by any run's ε.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from privasr.data.dataset import AsrDataset
-from privasr.audit.norm_probe import example_gradients
+from privasr.models.loss import example_gradients
 
 __all__ = ["clipped_signal", "noise_on_mean", "group_of"]
 
