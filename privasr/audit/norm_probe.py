@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn

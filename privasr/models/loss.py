@@ -1,4 +1,5 @@
-"""The per-example CTC loss every gradient strategy differentiates."""
+"""The per-example CTC loss every gradient strategy differentiates, and exact per-example
+gradients from it (one backward per example: the reference that diagnostics read)."""
 
 from __future__ import annotations
 
