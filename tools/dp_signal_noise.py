@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("overrides change the model: only with --ckpt init")
     cfg = load_config(a.run / "config.json", a.overrides)
     pc = cfg.privacy
-    clip = a.clip or (pc.policy or {}).get("clip_norm")
+    clip = a.clip if a.clip is not None else (pc.policy or {}).get("clip_norm")
     if clip is None:
         ap.error(f"{a.run} has no privacy.policy.clip_norm: give --clip")
     res = json.loads((a.run / "results.json").read_text()) if (a.run / "results.json").exists() \

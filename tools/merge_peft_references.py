@@ -3,8 +3,9 @@
 `privasr dp-peft` runs zero-shot, the non-private references and the DP grid in one out_dir and
 reuses finished runs. When the reference runs were made on another machine (their folders are
 not here) and only the DP grid is run here (`nonprivate=false 'nonprivate_peft=[]'`), this joins
-the two: the reference rows (epsilon null) of REFERENCES, the DP rows of NEW, gap_closed
-recomputed; the targets come from NEW's experiment.json beside it. It refuses unless both
+the two: the reference rows (epsilon null) of REFERENCES, every row of NEW but its zero-shot
+one (its DP rows, and a non-private PEFT reference it ran itself, e.g. width-8 adapters; rows
+are told apart by their ``overrides``), gap_closed recomputed; the targets come from NEW's experiment.json beside it. It refuses unless both
 files' zero-shot rows agree (same public model, same test set).
 
     python tools/merge_peft_references.py benchmarks/results/dp_peft_top6.json \
@@ -26,7 +27,7 @@ def merge(references: list[dict], new: list[dict]) -> list[dict]:
     if not zero[0] or zero[0] != zero[1]:
         raise SystemExit(f"zero-shot rows differ or are missing ({zero}): not the same public "
                          "model and test set")
-    return with_gaps(refs + [r for r in new if r["epsilon"] is not None])
+    return with_gaps(refs + [r for r in new if r["method"] != "zero_shot"])
 
 
 def main() -> None:
